@@ -1,0 +1,148 @@
+"""The ``saex`` command: setup, plugins, validate, run, report.
+
+Exit codes: 0 success, 1 some cells failed, 2 bad input (registry, plugin params, arguments).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from harness.assets import AssetError, kjv_jsonl, saex_home, smollm2_dir
+from harness.cache import Cache
+from harness.matrix import expand
+from harness.plugins import KIND_HOOKS, PluginError, Plugins, load_plugins
+from harness.registry import Registry, RegistryError, load_registry
+from harness.report import markdown
+from harness.run import Runner
+from harness.store import ResultsStore
+
+PROJECT_REGISTRY = Path(__file__).resolve().parent.parent / "registry.yaml"
+DEFAULT_STORE = Path("results") / "saex.sqlite"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="saex", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_registry(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--registry", action="append", type=Path, default=[],
+                       help="extra registry file merged with the project's (repeatable)")
+
+    def with_store(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--store", type=Path, default=Path(os.environ.get("SAEX_STORE", DEFAULT_STORE)),
+                       help=f"results database (default {DEFAULT_STORE}, or $SAEX_STORE)")
+
+    sub.add_parser("setup", help="fetch and prepare the embedded model and corpus (idempotent)")
+    p = sub.add_parser("plugins", help="list every plugin component: kind, name, source, params schema")
+    p.add_argument("--json", action="store_true", help="print the full JSON schemas")
+    p = sub.add_parser("validate", help="validate the registry (and a matrix); runs nothing")
+    with_registry(p)
+    p.add_argument("matrix", nargs="?")
+    p = sub.add_parser("run", help="run a matrix; finished cells are skipped")
+    with_registry(p)
+    with_store(p)
+    p.add_argument("matrix")
+    p.add_argument("--device", help="override the matrix's device (auto, cpu, cuda, cuda:1)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p = sub.add_parser("report", help="print a matrix's results (or every row) as markdown")
+    with_registry(p)
+    with_store(p)
+    p.add_argument("matrix", nargs="?")
+    p.add_argument("--layers", action="store_true", help="also list every compressed layer")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except (RegistryError, PluginError) as exc:
+        print(f"saex: error: {exc}", file=sys.stderr)
+        return 2
+    except AssetError as exc:
+        print(f"saex: set-up failed: {exc}", file=sys.stderr)
+        return 1
+
+
+def _registry(args: argparse.Namespace, plugins: Plugins) -> Registry:
+    return load_registry([PROJECT_REGISTRY, *args.registry], plugins)
+
+
+def cmd_setup(args: argparse.Namespace) -> int:
+    print(f"model:  {smollm2_dir()}")
+    print(f"corpus: {kjv_jsonl()}")
+    print(f"saex home: {saex_home()}")
+    return 0
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    plugins = load_plugins()
+    for kind in KIND_HOOKS:
+        for name in plugins.names(kind):
+            registered = plugins.components[kind][name]
+            schema = registered.component.Params.model_json_schema()
+            if args.json:
+                print(json.dumps({"kind": kind, "name": name, "plugin": registered.plugin, "source": registered.source,
+                                  "description": registered.component.description, "params": schema}))
+                continue
+            fields = ", ".join(
+                f"{f}: {spec.get('type', spec.get('anyOf', [{}])[0].get('type', 'object'))}"
+                + (f" = {spec['default']!r}" if "default" in spec else " (required)")
+                for f, spec in schema.get("properties", {}).items()
+            )
+            print(f"{kind:<12} {name:<16} {registered.source:<24} {registered.component.description}")
+            print(f"{'':<12} params: {fields or '(none)'}")
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    registry = _registry(args, load_plugins())
+    names = [args.matrix] if args.matrix else sorted(registry.matrices)
+    for name in names:
+        print(f"matrix {name}: {len(expand(name, registry.matrix(name)))} cells")
+    print("registry OK: " + ", ".join(sorted(set(registry.origins.values()))))
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    plugins = load_plugins()
+    registry = _registry(args, plugins)
+    registry.matrix(args.matrix)
+    store = ResultsStore(args.store)
+    runner = Runner(plugins, registry, store, Cache(saex_home() / "cache"), device=args.device,
+                    progress=not args.no_progress, log=lambda m: print(f"saex: {m}", file=sys.stderr))
+    results = runner.run(args.matrix)
+    print(markdown(f"matrix {args.matrix}", results))
+    print(f"results stored in {args.store}")
+    failed = [r for r in results if r.status != "done"]
+    return 1 if failed else 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    if not args.store.exists():
+        print(f"saex: error: no results store at {args.store} (run a matrix first, or pass --store)", file=sys.stderr)
+        return 2
+    store = ResultsStore(args.store)
+    if args.matrix:
+        registry = _registry(args, load_plugins())
+        cells = expand(args.matrix, registry.matrix(args.matrix))
+        results = [r for c in cells if (r := store.get(c.key(registry))) is not None]
+        missing = len(cells) - len(results)
+        print(markdown(f"matrix {args.matrix}", results, layers=args.layers))
+        if missing:
+            print(f"{missing} of {len(cells)} cells have no result yet")
+        return 0
+    matrices = sorted({r.matrix for r in store.rows()})
+    for name in matrices:
+        print(markdown(f"matrix {name}", list(store.rows(name)), layers=args.layers))
+    return 0
+
+
+COMMANDS = {"setup": cmd_setup, "plugins": cmd_plugins, "validate": cmd_validate, "run": cmd_run, "report": cmd_report}
+
+if __name__ == "__main__":
+    sys.exit(main())

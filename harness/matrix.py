@@ -1,0 +1,65 @@
+"""A matrix expands into cells: one per (model, hook, SAE arch, SAE source, scored-on model).
+
+``original`` is scored on the base model once per (model, hook, arch), independent of the compression, and
+on every compressed model; ``retrained`` is scored on the compressed model it was trained on.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+
+from harness.cache import cache_key
+from harness.registry import MatrixEntry, Registry
+
+BASE = "base"  # the scored-on value for the uncompressed model
+
+
+@dataclass(frozen=True)
+class Cell:
+    matrix: str
+    model: str
+    compression: str | None  # None when scored on the base model
+    hook: str
+    sae: str
+    source: str
+    scored_on: str  # BASE or "compressed"
+
+    @property
+    def label(self) -> str:
+        target = "M" if self.scored_on == BASE else f"M_c[{self.compression}]"
+        return f"{self.model} {self.hook} {self.sae}/{self.source} on {target}"
+
+    def config(self, registry: Registry) -> dict:
+        """Everything that determines this cell's result: the cell plus the resolved registry entries."""
+        matrix = registry.matrices[self.matrix]
+        resolved = {
+            "model": registry.models[self.model].model_dump(),
+            "compression": registry.compressions[self.compression].model_dump() if self.compression else None,
+            "sae": registry.saes[self.sae].model_dump(),
+            "corpus": registry.corpora[matrix.corpus].model_dump(),
+            "metrics": {m: registry.metrics[m].model_dump() for m in matrix.metrics},
+            "run": matrix.model_dump(include={"tokens", "block_size", "seed", "dtype"}),
+        }
+        return {"cell": asdict(self), "resolved": resolved}
+
+    def key(self, registry: Registry) -> str:
+        config = self.config(registry)
+        config["cell"].pop("matrix")  # the same cell in two matrices is the same result
+        return cache_key(config)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+
+def expand(name: str, matrix: MatrixEntry) -> list[Cell]:
+    cells: list[Cell] = []
+    for model in matrix.models:
+        for hook in matrix.hooks:
+            for sae in matrix.saes:
+                if "original" in matrix.sources:
+                    cells.append(Cell(name, model, None, hook, sae, "original", BASE))
+                for compression in matrix.compressions:
+                    for source in matrix.sources:
+                        cells.append(Cell(name, model, compression, hook, sae, source, "compressed"))
+    return cells

@@ -1,0 +1,144 @@
+"""The plugin manager: built-ins and entry-point plugins loaded through one path, one manager per Harness.
+
+``SAEX_PLUGINS`` (comma-separated names) limits loading to those plugins; ``SAEX_DISABLE_PLUGINS`` blocks
+names. A name is a built-in module's short name (``magnitude``, ``topk``) or an entry point's name.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import pluggy
+
+from harness import spec
+from harness.protocols import Component
+
+ENTRY_POINT_GROUP = "saex"
+
+DEFAULT_PLUGINS: tuple[str, ...] = (
+    "plugins.models.huggingface",
+    "plugins.models.tiny_llama",
+    "plugins.models.smollm2",
+    "plugins.corpora.files",
+    "plugins.corpora.kjv",
+    "plugins.compression.none",
+    "plugins.compression.magnitude",
+    "plugins.sae.topk",
+    "plugins.metrics.reconstruction",
+)
+
+Kind = Literal["model", "corpus", "compression", "sae", "pruner", "metric"]
+KIND_HOOKS: dict[Kind, str] = {
+    "model": "register_models",
+    "corpus": "register_corpora",
+    "compression": "register_compressors",
+    "sae": "register_sae_architectures",
+    "pruner": "register_sae_pruners",
+    "metric": "register_metrics",
+}
+
+
+class PluginError(RuntimeError):
+    """A plugin could not be loaded, or two plugins registered the same component name."""
+
+
+@dataclass
+class Registered:
+    """One component with the plugin that contributed it."""
+
+    kind: Kind
+    component: Component
+    plugin: str  # plugin name
+    source: str  # "built-in" or "dist-name==version"
+
+
+@dataclass
+class Plugins:
+    """A pluggy manager plus the components its plugins registered, by kind and name."""
+
+    manager: pluggy.PluginManager
+    sources: dict[str, str] = field(default_factory=dict)  # plugin name -> source
+    components: dict[Kind, dict[str, Registered]] = field(default_factory=dict)
+
+    def get(self, kind: Kind, name: str) -> Component:
+        try:
+            return self.components[kind][name].component
+        except KeyError:
+            raise KeyError(f"no {kind} plugin named {name!r}; choices: {sorted(self.components.get(kind, {}))}")
+
+    def names(self, kind: Kind) -> list[str]:
+        return sorted(self.components.get(kind, {}))
+
+    def registry_files(self) -> list[Path]:
+        files: list[Path] = []
+        self.manager.hook.register_registry_files(register=lambda p: files.append(Path(p)))
+        return files
+
+
+def _short_name(module_name: str) -> str:
+    return module_name.rsplit(".", 1)[-1]
+
+
+def _allowed(name: str) -> bool:
+    allow = [n.strip() for n in os.environ.get("SAEX_PLUGINS", "").split(",") if n.strip()]
+    block = [n.strip() for n in os.environ.get("SAEX_DISABLE_PLUGINS", "").split(",") if n.strip()]
+    return (not allow or name in allow) and name not in block
+
+
+def load_plugins(extra: list[tuple[str, object]] | None = None, *, entry_points: bool = True) -> Plugins:
+    """Build a fresh manager: built-ins, then ``saex`` entry points, then ``extra`` (name, plugin object)."""
+    manager = pluggy.PluginManager(spec.PROJECT)
+    manager.add_hookspecs(spec)
+    plugins = Plugins(manager)
+    candidates: list[tuple[str, str, object]] = []  # (name, source, module or object)
+    for module_name in DEFAULT_PLUGINS:
+        candidates.append((_short_name(module_name), "built-in", module_name))
+    if entry_points:
+        for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+            source = f"{ep.dist.name}=={ep.dist.version}" if ep.dist else "entry point"
+            candidates.append((ep.name, source, ep))
+    for name, obj in extra or []:
+        candidates.append((name, "explicit", obj))
+    for name, source, obj in candidates:
+        if not _allowed(name):
+            continue
+        plugins.sources[name] = source
+        manager.register(_resolve(name, obj), name=name)
+    for kind, hook_name in KIND_HOOKS.items():
+        plugins.components[kind] = {}
+        for impl in getattr(manager.hook, hook_name).get_hookimpls():
+            _collect(plugins, kind, impl)
+    return plugins
+
+
+def _resolve(name: str, obj: object) -> object:
+    try:
+        if isinstance(obj, str):
+            return importlib.import_module(obj)
+        if isinstance(obj, importlib.metadata.EntryPoint):
+            return obj.load()
+    except Exception as exc:  # a broken third-party plugin must say which one it is
+        raise PluginError(f"could not load saex plugin {name!r}: {exc}") from exc
+    return obj
+
+
+def _collect(plugins: Plugins, kind: Kind, impl: pluggy.HookImpl) -> None:
+    name = impl.plugin_name
+    table = plugins.components[kind]
+
+    def register(component: Component) -> None:
+        for attr in ("name", "description", "Params"):
+            if not hasattr(component, attr):
+                raise PluginError(f"plugin {name!r} registered a {kind} without a {attr!r} attribute")
+        if component.name in table:
+            other = table[component.name].plugin
+            raise PluginError(f"{kind} {component.name!r} is registered by both plugin {other!r} and {name!r}")
+        table[component.name] = Registered(kind, component, name, plugins.sources.get(name, "explicit"))
+
+    impl.function(register=register)
+

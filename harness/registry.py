@@ -1,0 +1,221 @@
+"""registry.yaml, validated with pydantic: named components with params, and named matrices.
+
+Several files are merged (the project's, ``--registry`` files, files contributed by plugins); a name
+defined twice is an error naming both files. Every error names the file, the YAML path, the bad value and
+the valid choices, and is raised while reading, before anything runs.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from harness.hookpoints import parse_hook
+from harness.plugins import Kind, Plugins
+from harness.training import TrainingConfig
+
+SECTIONS: dict[str, Kind] = {
+    "models": "model",
+    "corpora": "corpus",
+    "compressions": "compression",
+    "saes": "sae",
+    "metrics": "metric",
+}
+SOURCE_RE = re.compile(r"^(original|retrained)$")
+
+
+class RegistryError(ValueError):
+    """Bad registry input: names the file, the YAML path, the value and the valid choices."""
+
+    def __init__(self, file: str | Path, path: str, message: str, value: object = None, choices: list[str] | None = None):
+        self.file, self.path, self.value, self.choices = str(file), path, value, choices
+        text = f"{file}: {path}: {message}"
+        if value is not None:
+            text += f" (got {value!r})"
+        if choices is not None:
+            text += f"; valid choices: {', '.join(map(str, choices)) or '(none)'}"
+        super().__init__(text)
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ComponentEntry(Strict):
+    """One named component: which plugin, with which params (validated by the plugin's Params)."""
+
+    plugin: str
+    params: dict[str, Any] = Field(default_factory=dict)
+    description: str = ""
+
+
+class CompressionEntry(ComponentEntry):
+    allow_mismatch: bool = Field(False, description="keep a compressed model that did not do what it promised")
+
+
+class SAEEntry(ComponentEntry):
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+
+
+class Tokens(Strict):
+    """Token budgets per split (counted before removing special tokens)."""
+
+    train: int = Field(200_000, gt=0)
+    calibration: int = Field(16_384, gt=0)
+    eval: int = Field(32_768, gt=0)
+
+
+class MatrixEntry(Strict):
+    description: str = ""
+    models: list[str]
+    corpus: str
+    compressions: list[str]
+    hooks: list[str]
+    saes: list[str]
+    sources: list[str] = Field(default_factory=lambda: ["original", "retrained"])
+    metrics: list[str]
+    tokens: Tokens = Field(default_factory=Tokens)
+    block_size: int = Field(128, ge=8)
+    seed: int = 0
+    device: str = "auto"
+    dtype: Literal["float32", "bfloat16"] = "float32"
+
+    @field_validator("hooks")
+    @classmethod
+    def _hooks_parse(cls, hooks: list[str]) -> list[str]:
+        for hook in hooks:
+            parse_hook(hook)
+        return hooks
+
+    @field_validator("sources")
+    @classmethod
+    def _sources_known(cls, sources: list[str]) -> list[str]:
+        for source in sources:
+            if not SOURCE_RE.match(source):
+                raise ValueError(f"unknown SAE source {source!r}; valid choices: original, retrained")
+        return sources
+
+
+class Registry(BaseModel):
+    """The merged registry. ``origins`` maps "section.name" to the file that defined it."""
+
+    models: dict[str, ComponentEntry] = Field(default_factory=dict)
+    corpora: dict[str, ComponentEntry] = Field(default_factory=dict)
+    compressions: dict[str, CompressionEntry] = Field(default_factory=dict)
+    saes: dict[str, SAEEntry] = Field(default_factory=dict)
+    metrics: dict[str, ComponentEntry] = Field(default_factory=dict)
+    matrices: dict[str, MatrixEntry] = Field(default_factory=dict)
+    origins: dict[str, str] = Field(default_factory=dict)
+
+    def matrix(self, name: str) -> MatrixEntry:
+        if name not in self.matrices:
+            files = sorted(set(self.origins.values()))
+            raise RegistryError(", ".join(files), "matrices", "no such matrix", name, sorted(self.matrices))
+        return self.matrices[name]
+
+    def params(self, section: str, name: str, plugins: Plugins) -> BaseModel:
+        """The validated Params of entry ``section.name`` (validated once already by ``load_registry``)."""
+        entry = getattr(self, section)[name]
+        return plugins.get(SECTIONS[section], entry.plugin).Params(**entry.params)
+
+
+def _format_loc(prefix: str, loc: tuple[Any, ...]) -> str:
+    path = prefix
+    for part in loc:
+        path += f"[{part}]" if isinstance(part, int) else f".{part}"
+    return path
+
+
+def _read_file(file: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(file.read_text())
+    except FileNotFoundError:
+        raise RegistryError(file, "(file)", "registry file not found")
+    except yaml.YAMLError as exc:
+        raise RegistryError(file, "(file)", f"not valid YAML: {exc}")
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise RegistryError(file, "(top level)", "must be a mapping of sections", type(data).__name__)
+    return data
+
+
+def _merge_file(merged: dict[str, dict[str, Any]], origins: dict[str, str], file: Path) -> None:
+    data = _read_file(file)
+    allowed = list(SECTIONS) + ["matrices"]
+    for section, entries in data.items():
+        if section not in allowed:
+            raise RegistryError(file, section, "unknown section", section, allowed)
+        if not isinstance(entries, dict):
+            raise RegistryError(file, section, "must be a mapping of name -> entry", type(entries).__name__)
+        for name, entry in entries.items():
+            key = f"{section}.{name}"
+            if key in origins:
+                raise RegistryError(file, key, f"defined twice: also in {origins[key]}")
+            origins[key] = str(file)
+            merged.setdefault(section, {})[name] = entry
+
+
+def _validate_entries(merged: dict[str, dict[str, Any]], origins: dict[str, str]) -> Registry:
+    models = {"saes": SAEEntry, "matrices": MatrixEntry, "compressions": CompressionEntry}
+    validated: dict[str, dict[str, BaseModel]] = {}
+    for section, entries in merged.items():
+        model = models.get(section, ComponentEntry)
+        validated[section] = {}
+        for name, raw in entries.items():
+            try:
+                validated[section][name] = model.model_validate(raw)
+            except ValidationError as exc:
+                err = exc.errors()[0]
+                value = err.get("input") if err["type"] != "missing" else None
+                raise RegistryError(
+                    origins[f"{section}.{name}"], _format_loc(f"{section}.{name}", err["loc"]), err["msg"],
+                    value if not isinstance(value, dict) else None,
+                )
+    return Registry(**validated, origins=origins)
+
+
+def _check_plugins(reg: Registry, plugins: Plugins) -> None:
+    for section, kind in SECTIONS.items():
+        for name, entry in getattr(reg, section).items():
+            where = f"{section}.{name}"
+            file = reg.origins[where]
+            if entry.plugin not in plugins.names(kind):
+                raise RegistryError(file, f"{where}.plugin", f"no {kind} plugin of that name", entry.plugin, plugins.names(kind))
+            params_model = plugins.get(kind, entry.plugin).Params
+            try:
+                params_model(**entry.params)
+            except ValidationError as exc:
+                err = exc.errors()[0]
+                choices = list(params_model.model_fields) if err["type"] == "extra_forbidden" else None
+                raise RegistryError(file, _format_loc(f"{where}.params", err["loc"]), err["msg"], err.get("input"), choices)
+
+
+def _check_matrices(reg: Registry) -> None:
+    refs = {"models": "models", "compressions": "compressions", "saes": "saes", "metrics": "metrics"}
+    for name, matrix in reg.matrices.items():
+        file = reg.origins[f"matrices.{name}"]
+        for field, section in refs.items():
+            known = sorted(getattr(reg, section))
+            for i, ref in enumerate(getattr(matrix, field)):
+                if ref not in known:
+                    raise RegistryError(file, f"matrices.{name}.{field}[{i}]", f"not defined in {section}", ref, known)
+        if matrix.corpus not in reg.corpora:
+            raise RegistryError(file, f"matrices.{name}.corpus", "not defined in corpora", matrix.corpus, sorted(reg.corpora))
+
+
+def load_registry(files: list[Path], plugins: Plugins) -> Registry:
+    """Read, merge and fully validate registry files (plus files contributed by plugins)."""
+    merged: dict[str, dict[str, Any]] = {}
+    origins: dict[str, str] = {}
+    for file in [*files, *plugins.registry_files()]:
+        _merge_file(merged, origins, Path(file))
+    reg = _validate_entries(merged, origins)
+    _check_plugins(reg, plugins)
+    _check_matrices(reg)
+    return reg
+

@@ -1,0 +1,78 @@
+"""Every hook a saex plugin can implement: the table of contents of the extension surface.
+
+Plugins are modules or objects with functions decorated by ``hookimpl``. The ``register_*`` hooks receive a
+``register`` callback; a plugin calls ``register(obj)`` once per component it contributes and never touches
+global state. Built-in plugins (``plugins/``) are loaded through exactly the same path as third-party ones
+shipped via the ``saex`` entry-point group.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+import pluggy
+
+if TYPE_CHECKING:
+    from harness.matrix import Cell
+    from harness.protocols import (
+        Compressor,
+        Corpus,
+        Metric,
+        ModelSource,
+        SAEArchitecture,
+        SAEPruner,
+    )
+    from harness.store import CellResult
+
+PROJECT = "saex"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+@hookspec
+def register_models(register: Callable[["ModelSource"], None]) -> None:
+    """Contribute model sources (how to obtain an HF causal LM and its tokenizer). Called once at load."""
+
+
+@hookspec
+def register_corpora(register: Callable[["Corpus"], None]) -> None:
+    """Contribute corpora (where text comes from). Called once at load."""
+
+
+@hookspec
+def register_compressors(register: Callable[["Compressor"], None]) -> None:
+    """Contribute compression methods (model -> compressed model, in place). Called once at load."""
+
+
+@hookspec
+def register_sae_architectures(register: Callable[["SAEArchitecture"], None]) -> None:
+    """Contribute SAE architectures (build, loss, save/load format). Called once at load."""
+
+
+@hookspec
+def register_sae_pruners(register: Callable[["SAEPruner"], None]) -> None:
+    """Contribute SAE pruning strategies (used by the ``pruned:<strategy>@<s>`` SAE source)."""
+
+
+@hookspec
+def register_metrics(register: Callable[["Metric"], None]) -> None:
+    """Contribute metrics (SAE + eval activations -> flat dict of floats). Called once at load."""
+
+
+@hookspec
+def register_registry_files(register: Callable[[Path], None]) -> None:
+    """Contribute extra registry YAML files, merged after the project's and the user's ``--registry`` files.
+
+    A name defined in two files is an error that names both files.
+    """
+
+
+@hookspec
+def cell_started(cell: "Cell") -> None:
+    """Called when the runner starts computing a cell (not for cells skipped as already finished)."""
+
+
+@hookspec
+def cell_finished(cell: "Cell", result: "CellResult") -> None:
+    """Called after a cell's row is written, with status ``done`` or ``failed``. May not change the result."""

@@ -1,0 +1,2 @@
+"""Built-in saex plugins. Each module registers its components through the hooks of ``harness.spec``,
+exactly as a third-party plugin would."""

@@ -1,0 +1,89 @@
+"""Local text corpora: plain-text files (one document per file, or per blank-line-separated paragraph) and
+jsonl files (one document per line, text under a field)."""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+from pathlib import Path
+from typing import Iterator, Literal
+
+from pydantic import BaseModel, ConfigDict, field_validator
+
+from harness.models import file_digest
+from harness.spec import hookimpl
+
+
+class LocalFiles:
+    name = "files"
+    description = "local .txt / .jsonl files matched by glob patterns, read in sorted path order"
+
+    class Params(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        paths: list[str]
+        format: Literal["text", "jsonl"] = "text"
+        text_field: str = "text"
+        split_paragraphs: bool = False
+
+        @field_validator("paths")
+        @classmethod
+        def _non_empty(cls, paths: list[str]) -> list[str]:
+            if not paths:
+                raise ValueError("give at least one path or glob pattern")
+            return paths
+
+    def _files(self, params: Params) -> list[Path]:
+        files = sorted({Path(p) for pattern in params.paths for p in glob.glob(str(Path(pattern).expanduser()), recursive=True)})
+        files = [f for f in files if f.is_file()]
+        if not files:
+            raise FileNotFoundError(f"corpus 'files': no file matches {params.paths}")
+        return files
+
+    def documents(self, params: Params) -> Iterator[str]:
+        for path in self._files(params):
+            if params.format == "jsonl":
+                with open(path) as f:
+                    for number, line in enumerate(f, 1):
+                        if line.strip():
+                            record = json.loads(line)
+                            if params.text_field not in record:
+                                raise KeyError(f"{path}:{number}: no field {params.text_field!r} (fields: {sorted(record)})")
+                            yield record[params.text_field]
+            elif params.split_paragraphs:
+                yield from (p for p in path.read_text().split("\n\n") if p.strip())
+            else:
+                yield path.read_text()
+
+    def fingerprint(self, params: Params) -> str:
+        digests = [f"{p}:{file_digest(p)}" for p in self._files(params)]
+        return hashlib.sha256((params.model_dump_json() + "|".join(digests)).encode()).hexdigest()[:16]
+
+
+class HFDataset:
+    name = "hf-dataset"
+    description = "an HF datasets dataset by name (needs it in the local HF cache or a network connection)"
+
+    class Params(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        path: str
+        name: str | None = None
+        split: str = "train"
+        text_field: str = "text"
+        revision: str | None = None
+
+    def documents(self, params: Params) -> Iterator[str]:
+        from datasets import load_dataset
+
+        data = load_dataset(params.path, params.name, split=params.split, revision=params.revision, streaming=True)
+        for record in data:
+            yield record[params.text_field]
+
+    def fingerprint(self, params: Params) -> str:
+        return hashlib.sha256(params.model_dump_json().encode()).hexdigest()[:16]
+
+
+@hookimpl
+def register_corpora(register):
+    register(LocalFiles())
+    register(HFDataset())

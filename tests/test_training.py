@@ -1,0 +1,91 @@
+"""The SAE trainer: token budget and epochs, schedule, divergence detection, determinism."""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import pytest
+import torch
+
+from harness.activations import TensorActivations
+from harness.training import TrainingConfig, TrainingDiverged, lr_factor, train_sae
+from plugins.sae.topk import TopK, TopKSAE
+
+CPU = torch.device("cpu")
+
+
+def build(**params: object) -> TopKSAE:
+    arch = TopK()
+    return arch.build(16, arch.Params(**({"d_sae": 64, "k": 4} | params)), seed=0)
+
+
+def data(n: int = 1000) -> torch.Tensor:
+    return torch.randn(n, 16, generator=torch.Generator().manual_seed(0)).relu()
+
+
+class NaNAtBatch:
+    """An ActivationSource whose batch number ``bad`` (counting across epochs) holds a NaN."""
+
+    def __init__(self, x: torch.Tensor, bad: int):
+        self.inner, self.bad, self.count = TensorActivations(x), bad, 0
+        self.n_tokens, self.d_in = self.inner.n_tokens, self.inner.d_in
+
+    def iter_batches(self, batch_size: int, *, shuffle: bool = False, seed: int = 0) -> Iterator[torch.Tensor]:
+        for batch in self.inner.iter_batches(batch_size, shuffle=shuffle, seed=seed):
+            if self.count == self.bad:
+                batch = batch.clone()
+                batch[0, 0] = float("nan")
+            self.count += 1
+            yield batch
+
+
+def test_training_uses_exact_token_budget_over_repeated_epochs():
+    result = train_sae(build(), TensorActivations(data(1000)), TrainingConfig(tokens=2500, batch_size=300),
+                       device=CPU, progress=False)
+    assert result.tokens == 2500
+    assert result.steps == 10  # 300+300+300+100 twice, then 300+200
+    assert set(result.final) == {"loss", "l0", "explained_variance", "dead_frac"}
+    assert result.final["l0"] <= 4
+
+
+def test_same_seed_gives_bit_identical_weights():
+    cfg = TrainingConfig(tokens=5000, batch_size=128, seed=3)
+    runs = [build() for _ in range(2)]
+    for sae in runs:
+        train_sae(sae, TensorActivations(data()), cfg, device=CPU, progress=False)
+    for name, tensor in runs[0].state_dict().items():
+        assert torch.equal(tensor, runs[1].state_dict()[name]), name
+
+
+def test_different_seed_changes_weights():
+    saes = [build(), build()]
+    for seed, sae in enumerate(saes):
+        train_sae(sae, TensorActivations(data()), TrainingConfig(tokens=2000, batch_size=128, seed=seed),
+                  device=CPU, progress=False)
+    assert not torch.equal(saes[0].W_dec, saes[1].W_dec)
+
+
+def test_nan_in_activations_raises_diverged_naming_the_step():
+    source = NaNAtBatch(data(), bad=3)
+    sae = build(normalize_input=False, b_dec_init="zero")  # no data-dependent init reads the bad batch
+    with pytest.raises(TrainingDiverged, match="at step 3 .*lower lr"):
+        train_sae(sae, source, TrainingConfig(tokens=2000, batch_size=100), device=CPU, progress=False)
+
+
+def test_huge_learning_rate_raises_diverged():
+    with pytest.raises(TrainingDiverged, match="step"):
+        train_sae(build(), TensorActivations(data()), TrainingConfig(tokens=5000, batch_size=100, lr=1e30),
+                  device=CPU, progress=False)
+
+
+def test_lr_schedule_warms_up_holds_and_decays_to_zero():
+    cfg = TrainingConfig(warmup_frac=0.1, decay_frac=0.2)
+    assert lr_factor(0.05, cfg) == pytest.approx(0.5)
+    assert lr_factor(0.5, cfg) == 1.0
+    assert lr_factor(0.9, cfg) == pytest.approx(0.5)
+    assert lr_factor(1.0, cfg) == 0.0
+
+
+def test_training_config_rejects_unknown_keys():
+    with pytest.raises(ValueError, match="epochs"):
+        TrainingConfig(epochs=3)
