@@ -147,6 +147,8 @@ class Runner:
         self.plugins.manager.hook.cell_started(cell=cell)
         self.log(f"cell {cell.label}")
         result = CellResult(key, cell.matrix, config["cell"], "running", versions=versions(), config=config)
+        if target.details:
+            result.details["compression"] = target.details
         try:
             if target.error:
                 raise RuntimeError(target.error)
@@ -156,7 +158,6 @@ class Runner:
             eval_acts = self._acts(ctx, target, "eval", hook)
             result.metrics = self._metrics(ctx, artifact.sae, eval_acts)
             result.cost = artifact.cost
-            result.details = {"compression": target.details} if target.details else {}
             result.status = "done"
         except Exception as exc:
             result.status = "failed"

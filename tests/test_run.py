@@ -1,0 +1,166 @@
+"""The runner end to end on a tiny random Llama: cells, verification stored with results, resume, no
+overwrite, the lifecycle hooks, and a third-party compression used in a matrix."""
+
+import importlib.util
+import sqlite3
+from pathlib import Path
+
+import pytest
+import yaml
+
+from harness.cache import Cache
+from harness.cli import main
+from harness.plugins import load_plugins
+from harness.protocols import CompressionExpectation, NoParams
+from harness.registry import load_registry
+from harness.run import Runner
+from harness.spec import hookimpl
+from harness.store import ResultsStore
+from harness.verify import linear_layers
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+@pytest.fixture
+def registry_file(tmp_path, text_corpus):
+    data = {
+        "models": {"tiny3": {"plugin": "tiny-llama", "params": {"num_hidden_layers": 3}}},
+        "corpora": {"docs": {"plugin": "files", "params": {"paths": [str(text_corpus / "*.txt")]}}},
+        "compressions": {
+            "id": {"plugin": "none"},
+            "mag": {"plugin": "magnitude", "params": {"sparsity": 0.5}},
+        },
+        "saes": {"small": {"plugin": "topk", "params": {"expansion_factor": 2, "k": 8},
+                           "training": {"tokens": 4096, "batch_size": 256, "lr": 0.003}}},
+        "metrics": {"rec": {"plugin": "reconstruction"}},
+        "matrices": {"t": {"models": ["tiny3"], "corpus": "docs", "compressions": ["id", "mag"],
+                           "hooks": ["layers.1.resid_post", "layers.0.mlp_out"], "saes": ["small"],
+                           "metrics": ["rec"], "block_size": 64, "device": "cpu",
+                           "tokens": {"train": 4096, "calibration": 512, "eval": 1024}}},
+    }
+    path = tmp_path / "reg.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+class Recorder:
+    def __init__(self):
+        self.started, self.finished = [], []
+
+    @hookimpl
+    def cell_started(self, cell):
+        self.started.append(cell)
+
+    @hookimpl
+    def cell_finished(self, cell, result):
+        self.finished.append((cell, result.status))
+
+
+def make_runner(tmp_path, registry_file, recorder=None):
+    plugins = load_plugins([("recorder", recorder)] if recorder else None, entry_points=False)
+    registry = load_registry([registry_file], plugins)
+    store = ResultsStore(tmp_path / "results.sqlite")
+    return Runner(plugins, registry, store, Cache(tmp_path / "cache"), progress=False, log=lambda m: None)
+
+
+def by_label(results):
+    return {(r.cell["hook"], r.cell["source"], r.cell["compression"]): r for r in results}
+
+
+def test_matrix_runs_every_cell_with_verified_compression(tmp_path, registry_file):
+    recorder = Recorder()
+    results = make_runner(tmp_path, registry_file, recorder).run("t")
+    # 2 hooks x (original on M + 2 compressions x (original, retrained))
+    assert len(results) == 10 and all(r.status == "done" for r in results)
+    assert len(recorder.started) == 10 and {s for _, s in recorder.finished} == {"done"}
+    cells = by_label(results)
+    for hook in ("layers.1.resid_post", "layers.0.mlp_out"):
+        on_m = cells[(hook, "original", None)].metrics
+        # `none` is the identity: the original SAE scores the same on M and on M_c[id], and retraining on
+        # the same activations with the same seed gives the same SAE
+        assert cells[(hook, "original", "id")].metrics == on_m
+        assert cells[(hook, "retrained", "id")].metrics == on_m
+        assert 0 < on_m["explained_variance"] <= 1 and on_m["l0"] <= 8
+        pruned = cells[(hook, "original", "mag")]
+        layers = pruned.details["compression"]["layers"]
+        assert len(layers) == 3 * 7 and all(abs(layer["sparsity"] - 0.5) < 1e-3 for layer in layers)
+        assert pruned.metrics != on_m
+        assert pruned.cost["sae_seconds"] == cells[(hook, "original", None)].cost["sae_seconds"] > 0
+
+
+def test_rerun_skips_finished_cells_and_overwrites_nothing(tmp_path, registry_file):
+    first = make_runner(tmp_path, registry_file).run("t")
+    db = sqlite3.connect(tmp_path / "results.sqlite")
+    before = db.execute("SELECT key, metrics, finished_at FROM cells ORDER BY key").fetchall()
+    recorder = Recorder()
+    second = make_runner(tmp_path, registry_file, recorder).run("t")
+    assert recorder.started == []
+    assert db.execute("SELECT key, metrics, finished_at FROM cells ORDER BY key").fetchall() == before
+    assert [r.metrics for r in second] == [r.metrics for r in first]
+    with pytest.raises(RuntimeError, match="never overwritten"):
+        ResultsStore(tmp_path / "results.sqlite").start(before[0][0], "t", {}, {})
+
+
+def test_failed_compression_fails_its_cells_and_is_retried(tmp_path, registry_file):
+    data = yaml.safe_load(registry_file.read_text())
+    # a plugin that promises sparsity but changes nothing must be caught by the per-layer check
+    data["compressions"]["lazy"] = {"plugin": "lazy"}
+    data["matrices"]["t"]["compressions"] = ["lazy"]
+    data["matrices"]["t"]["hooks"] = ["layers.1.resid_post"]
+    registry_file.write_text(yaml.safe_dump(data))
+
+    class Lazy:
+        """Promises 50% sparsity in every decoder Linear layer and does nothing."""
+
+        name, description, Params = "lazy", "does nothing", NoParams
+
+        def compress(self, model, params, ctx):
+            return model
+
+        def expectation(self, model, params):
+            return CompressionExpectation(sparsity=0.5, targets=list(linear_layers(model)))
+
+        @hookimpl
+        def register_compressors(self, register):
+            register(self)
+
+    plugins = load_plugins([("lazy", Lazy())], entry_points=False)
+    runner = Runner(plugins, load_registry([registry_file], plugins), ResultsStore(tmp_path / "r.sqlite"),
+                    Cache(tmp_path / "cache"), progress=False, log=lambda m: None)
+    results = by_label(runner.run("t"))
+    assert results[("layers.1.resid_post", "original", None)].status == "done"
+    failed = results[("layers.1.resid_post", "original", "lazy")]
+    assert failed.status == "failed" and "layer stayed dense" in failed.error
+    assert len(failed.details["compression"]["layers"]) == 21
+    again = by_label(runner.run("t"))
+    assert again[("layers.1.resid_post", "retrained", "lazy")].status == "failed"
+    attempts = sqlite3.connect(tmp_path / "r.sqlite").execute("SELECT max(attempts) FROM cells").fetchone()[0]
+    assert attempts == 2
+
+
+def test_third_party_compression_in_a_matrix(tmp_path, registry_file, monkeypatch):
+    spec = importlib.util.spec_from_file_location("saex_scale_plugin", FIXTURES / "saex_scale_plugin.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    data = yaml.safe_load(registry_file.read_text())
+    data["compressions"] = {"half": {"plugin": "scale", "params": {"factor": 0.5}}}
+    data["matrices"]["t"].update(compressions=["half"], hooks=["layers.1.resid_post"], sources=["original"])
+    registry_file.write_text(yaml.safe_dump(data))
+    plugins = load_plugins([("scale", module)], entry_points=False)
+    runner = Runner(plugins, load_registry([registry_file], plugins), ResultsStore(tmp_path / "r.sqlite"),
+                    Cache(tmp_path / "cache"), progress=False, log=lambda m: None)
+    results = by_label(runner.run("t"))
+    scaled = results[("layers.1.resid_post", "original", "half")]
+    assert scaled.status == "done"
+    assert all(abs(layer["rel_error"] - 0.5) < 1e-6 for layer in scaled.details["compression"]["layers"])
+
+
+def test_cli_run_then_report(tmp_path, registry_file, monkeypatch, capsys):
+    monkeypatch.setenv("SAEX_HOME", str(tmp_path / "home"))
+    store = tmp_path / "cli.sqlite"
+    assert main(["run", "t", "--registry", str(registry_file), "--store", str(store), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("| done |") == 10 and "mean sparsity" in out
+    assert main(["report", "t", "--registry", str(registry_file), "--store", str(store)]) == 0
+    report = capsys.readouterr().out
+    assert report.count("| done |") == 10
