@@ -36,10 +36,13 @@ class Cache:
         manifest = path / MANIFEST
         if not manifest.exists():
             return None
-        files = json.loads(manifest.read_text())["files"]
-        bad = [name for name, digest in files.items() if not (path / name).exists() or file_digest(path / name) != digest]
+        try:
+            files = dict(json.loads(manifest.read_text())["files"])
+            bad = [n for n, digest in files.items() if not (path / n).exists() or file_digest(path / n) != digest]
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            bad = [MANIFEST]
         if bad:
-            aside = path.with_name(f"{key}.corrupt-{int(time.time())}")
+            aside = path.with_name(f"{key}.corrupt-{time.time_ns()}-{os.getpid()}")
             os.replace(path, aside)
             print(f"saex: cached {kind}/{key} failed verification ({', '.join(bad)}); moved to {aside}", file=sys.stderr)
             return None

@@ -43,21 +43,32 @@ class LocalFiles:
     def documents(self, params: Params) -> Iterator[str]:
         for path in self._files(params):
             if params.format == "jsonl":
-                with open(path) as f:
+                with open(path, encoding="utf-8") as f:
                     for number, line in enumerate(f, 1):
                         if line.strip():
-                            record = json.loads(line)
-                            if params.text_field not in record:
-                                raise KeyError(f"{path}:{number}: no field {params.text_field!r} (fields: {sorted(record)})")
-                            yield record[params.text_field]
+                            yield _jsonl_text(line, params.text_field, f"{path}:{number}")
             elif params.split_paragraphs:
-                yield from (p for p in path.read_text().split("\n\n") if p.strip())
+                yield from (p for p in path.read_text(encoding="utf-8").split("\n\n") if p.strip())
             else:
-                yield path.read_text()
+                yield path.read_text(encoding="utf-8")
 
     def fingerprint(self, params: Params) -> str:
         digests = [f"{p}:{file_digest(p)}" for p in self._files(params)]
         return hashlib.sha256((params.model_dump_json() + "|".join(digests)).encode()).hexdigest()[:16]
+
+
+def _jsonl_text(line: str, field: str, where: str) -> str:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{where}: not valid JSON ({exc})") from exc
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    if field not in record:
+        raise KeyError(f"{where}: no field {field!r} (fields: {sorted(record)})")
+    if not isinstance(record[field], str):
+        raise ValueError(f"{where}: field {field!r} is {type(record[field]).__name__}, not text")
+    return record[field]
 
 
 class HFDataset:

@@ -1,0 +1,54 @@
+"""Shared fixtures: a tiny random Llama, a small corpus of real English text, one-thread torch."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+import torch
+
+from harness.protocols import LoadedModel
+from plugins.models.tiny_llama import TinyLlama
+
+# Modules whose docstrings are a few hundred to a few thousand characters of ASCII English prose.
+DOC_MODULES = (
+    "json", "os", "re", "collections", "itertools", "typing", "inspect", "argparse", "subprocess", "string",
+    "random", "statistics", "heapq", "tempfile", "fnmatch", "csv", "pickle", "copy", "pprint", "time",
+    "hashlib", "struct", "unittest", "doctest", "pdb", "optparse", "cmd", "difflib", "locale", "tokenize",
+    "ast", "sched", "socket", "ssl", "uuid", "operator", "io", "configparser", "getopt", "gettext",
+)
+
+
+@pytest.fixture
+def single_thread() -> Iterator[None]:
+    """Tiny matmuls gain nothing from threads, and on a busy CPU torch's spinning threads make them much slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama() -> LoadedModel:
+    """A 4-layer random Llama (d=64, byte tokenizer: <s>=0, </s>=1, <pad>=2). Shared: tests must leave no hooks."""
+    return TinyLlama().load(TinyLlama.Params(num_hidden_layers=4), torch.device("cpu"))
+
+
+def module_docs() -> list[str]:
+    docs = [inspect.getdoc(importlib.import_module(name)) or "" for name in DOC_MODULES]
+    assert all(len(doc) >= 300 for doc in docs), "every corpus module needs a real docstring"
+    return docs
+
+
+@pytest.fixture
+def text_corpus(tmp_path: Path) -> Path:
+    """A directory with one .txt file per stdlib module docstring (40 files, ~75 kB), named so that sorted path
+    order is ``DOC_MODULES`` order."""
+    directory = tmp_path / "corpus"
+    directory.mkdir()
+    for index, (name, doc) in enumerate(zip(DOC_MODULES, module_docs())):
+        (directory / f"{index:02d}_{name}.txt").write_text(doc)
+    return directory
