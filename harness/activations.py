@@ -6,7 +6,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -73,7 +73,7 @@ ACTIVATIONS_VERSION = 1
 
 def collect_activations(
     cache: Cache,
-    model: nn.Module,
+    model: nn.Module | Callable[[], nn.Module],
     tokenizer,
     blocks: torch.Tensor,
     hooks: list[HookPoint],
@@ -89,11 +89,14 @@ def collect_activations(
 
     ``key_parts`` must describe everything else that determines them (model fingerprint, compression,
     tokens, dtype). Hooks already cached are not recomputed; the rest share one early-stopped pass.
+    ``model`` may be a callable returning the model, called only when something must be collected.
     """
     keys = {h: cache_key({**key_parts, "hook": str(h), "version": ACTIVATIONS_VERSION}) for h in hooks}
     found = {h: cache.get("activations", keys[h]) for h in hooks}
     missing = [h for h in hooks if found[h] is None]
     if missing:
+        if not isinstance(model, nn.Module):
+            model = model()
         _collect_missing(cache, model, tokenizer, blocks, missing, keys, device, batch_blocks, shard_tokens, desc, progress)
     return {h: ShardedActivations(cache.dir("activations", keys[h]), cache.meta("activations", keys[h])) for h in hooks}
 

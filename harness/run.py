@@ -8,7 +8,6 @@ activations. A failing cell is recorded as failed with its error; the others go 
 
 from __future__ import annotations
 
-import copy
 import platform
 import time
 import traceback
@@ -33,7 +32,8 @@ from harness.registry import MatrixEntry, Registry
 from harness.sae import SAE, load_sae, save_sae
 from harness.store import CellResult, ResultsStore
 from harness.training import train_sae
-from harness.verify import CompressionMismatch, clone_weights, linear_layers, verify
+from harness.compressed import compress_verified
+from harness.language_model import next_token_loss
 
 SAE_VERSION = 1
 
@@ -45,13 +45,24 @@ def versions() -> dict[str, str]:
 
 @dataclass
 class ModelState:
-    """One model under evaluation (M or one M_c) and what was computed from it."""
+    """One model under evaluation (M or one M_c) and what was computed from it. An M_c is only built when
+    something not yet cached needs it (``build``), so a resumed run with cached activations compresses nothing.
+    """
 
-    model: nn.Module
     identity: dict  # what determines its weights: base fingerprint + compression entry
+    build: Callable[["ModelState"], nn.Module]
+    label: str = "M"
     details: dict = field(default_factory=dict)
     error: str | None = None
     acts: dict[tuple[str, str], ShardedActivations] = field(default_factory=dict)  # (split, hook) -> acts
+    lm: dict[str, float] | None = None  # next-token loss on the eval split
+    _model: nn.Module | None = None
+
+    @property
+    def model(self) -> nn.Module:
+        if self._model is None:
+            self._model = self.build(self)
+        return self._model
 
 
 @dataclass
@@ -92,14 +103,14 @@ class Runner:
         for hook in hooks:
             check_hook(loaded.model, hook)
         blocks = self._blocks(matrix, loaded)
-        base = ModelState(loaded.model, {"model": loaded.fingerprint, "dtype": matrix.dtype})
+        base = ModelState({"model": loaded.fingerprint, "dtype": matrix.dtype}, lambda state: loaded.model)
         ctx = _Context(matrix, loaded, blocks, hooks, device)
         for cell in [c for c in cells if c.scored_on == BASE]:
             self._run_cell(cell, ctx, base, base)
         for compression in matrix.compressions:
             todo = [c for c in cells if c.compression == compression]
             if todo:
-                compressed = self._compress(ctx, base, compression)
+                compressed = self._compressed_state(ctx, base, compression)
                 for cell in todo:
                     self._run_cell(cell, ctx, base, compressed)
                 del compressed
@@ -111,33 +122,28 @@ class Runner:
         return token_blocks(self.cache, lambda: corpus.documents(params), corpus.fingerprint(params),
                             loaded.tokenizer, matrix.block_size, matrix.tokens.model_dump())
 
-    def _compress(self, ctx: "_Context", base: ModelState, name: str) -> ModelState:
+    def _compressed_state(self, ctx: "_Context", base: ModelState, name: str) -> ModelState:
         entry = self.registry.compressions[name]
-        compressor = self.plugins.get("compression", entry.plugin)
-        params = self.registry.params("compressions", name, self.plugins)
         identity = {**base.identity, "compression": entry.model_dump()}
+        return ModelState(identity, lambda state: self._compress(ctx, base, name, state), label=f"M_c[{name}]")
+
+    def _compress(self, ctx: "_Context", base: ModelState, name: str, state: ModelState) -> nn.Module:
+        """Build M_c, recording its per-layer report in ``state.details`` even when verification fails."""
+        entry = self.registry.compressions[name]
         self.log(f"compressing with {name} ({entry.plugin})")
-        state = ModelState(base.model, identity)
+        calibration = CompressionContext(ctx.blocks.calibration, ctx.loaded.tokenizer, ctx.device, ctx.matrix.seed)
         try:
-            model = copy.deepcopy(base.model)
-            expectation = compressor.expectation(model, params)
-            names = expectation.targets or list(linear_layers(model))
-            originals = clone_weights(model, names)
-            start = time.perf_counter()
-            model = compressor.compress(model, params, CompressionContext(
-                ctx.blocks.calibration, ctx.loaded.tokenizer, ctx.device, ctx.matrix.seed))
-            state.model = model
-            state.details = {"compression": name, "seconds": time.perf_counter() - start}
-            try:
-                report = verify(model, names, expectation, originals, allow_mismatch=entry.allow_mismatch)
-            except CompressionMismatch as exc:
-                state.details["layers"] = [r.model_dump() for r in exc.report]
-                raise
-            state.details["layers"] = [r.model_dump() for r in report]
+            compressed = compress_verified(
+                self.cache, base.model, base.identity, name, self.plugins.get("compression", entry.plugin),
+                self.registry.params("compressions", name, self.plugins), calibration, ctx.blocks.key,
+                allow_mismatch=entry.allow_mismatch)
         except Exception as exc:  # every cell of this compression fails with the same message
+            state.details = getattr(exc, "details", {"compression": name})
             state.error = f"compression {name!r} failed: {type(exc).__name__}: {exc}"
             self.log(state.error)
-        return state
+            raise
+        state.details = compressed.details
+        return compressed.model
 
     # --- per cell -------------------------------------------------------------------------------------------
 
@@ -147,8 +153,6 @@ class Runner:
         self.plugins.manager.hook.cell_started(cell=cell)
         self.log(f"cell {cell.label}")
         result = CellResult(key, cell.matrix, config["cell"], "running", versions=versions(), config=config)
-        if target.details:
-            result.details["compression"] = target.details
         try:
             if target.error:
                 raise RuntimeError(target.error)
@@ -156,7 +160,7 @@ class Runner:
             trained_on = base if cell.source == "original" else target
             artifact = self._sae(ctx, trained_on, cell.sae, hook)
             eval_acts = self._acts(ctx, target, "eval", hook)
-            result.metrics = self._metrics(ctx, artifact.sae, eval_acts)
+            result.metrics = {**self._metrics(ctx, artifact.sae, eval_acts), **self._lm_metrics(ctx, target)}
             result.cost = artifact.cost
             result.status = "done"
         except Exception as exc:
@@ -164,15 +168,16 @@ class Runner:
             result.error = f"{type(exc).__name__}: {exc}"
             result.details["traceback"] = traceback.format_exc(limit=8)
             self.log(f"  failed: {result.error}")
+        if target.details:
+            result.details["compression"] = target.details
         self.store.finish(result)
         self.plugins.manager.hook.cell_finished(cell=cell, result=result)
 
     def _acts(self, ctx: "_Context", state: ModelState, split: str, hook: HookPoint) -> ShardedActivations:
         if (split, str(hook)) not in state.acts:
             parts = {**state.identity, "tokens": ctx.blocks.key, "split": split}
-            label = "M" if "compression" not in state.identity else "M_c"
-            found = collect_activations(self.cache, state.model, ctx.loaded.tokenizer, ctx.blocks.split(split),
-                                        ctx.hooks, parts, device=ctx.device, desc=f"activations {label} {split}",
+            found = collect_activations(self.cache, lambda: state.model, ctx.loaded.tokenizer, ctx.blocks.split(split),
+                                        ctx.hooks, parts, device=ctx.device, desc=f"activations {state.label} {split}",
                                         progress=self.progress)
             for h, acts in found.items():
                 state.acts[(split, str(h))] = acts
@@ -197,6 +202,16 @@ class Runner:
         meta = self.cache.meta("saes", key)
         sae = load_sae(path, architectures).to(ctx.device).eval()
         return SAEArtifact(sae, {"sae_seconds": meta["seconds"], "sae_tokens": meta["tokens"]})
+
+    def _lm_metrics(self, ctx: "_Context", state: ModelState) -> dict[str, float]:
+        """Next-token loss and perplexity of the scored model on the eval split (same tokens for every cell)."""
+        if state.lm is None:
+            key = cache_key({**state.identity, "tokens": ctx.blocks.key, "what": "next_token_loss"})
+            if self.cache.get("lm", key) is None:
+                self.cache.put("lm", key, lambda tmp: next_token_loss(
+                    state.model, ctx.blocks.eval, ctx.loaded.tokenizer, device=ctx.device, progress=self.progress))
+            state.lm = self.cache.meta("lm", key)
+        return {"model_ce": state.lm["ce"], "model_ppl": state.lm["ppl"]}
 
     def _metrics(self, ctx: "_Context", sae: SAE, acts: ShardedActivations) -> dict[str, float]:
         values: dict[str, float] = {}

@@ -2,6 +2,7 @@
 overwrite, the lifecycle hooks, and a third-party compression used in a matrix."""
 
 import importlib.util
+import shutil
 import sqlite3
 from pathlib import Path
 
@@ -164,3 +165,47 @@ def test_cli_run_then_report(tmp_path, registry_file, monkeypatch, capsys):
     assert main(["report", "t", "--registry", str(registry_file), "--store", str(store)]) == 0
     report = capsys.readouterr().out
     assert report.count("| done |") == 10
+
+
+def test_compressed_model_is_cached_and_resumed_runs_do_not_compress(tmp_path, registry_file):
+    from plugins.compression.magnitude import Magnitude
+
+    calls = []
+
+    class Counting(Magnitude):
+        name = "counting"
+
+        def compress(self, model, params, ctx):
+            calls.append(1)
+            return super().compress(model, params, ctx)
+
+    class Plugin:
+        @hookimpl
+        def register_compressors(self, register):
+            register(Counting())
+
+    data = yaml.safe_load(registry_file.read_text())
+    data["compressions"] = {"cm": {"plugin": "counting", "params": {"sparsity": 0.5}}}
+    data["matrices"]["t"].update(compressions=["cm"], hooks=["layers.1.resid_post"])
+    registry_file.write_text(yaml.safe_dump(data))
+
+    def run(store, cache):
+        plugins = load_plugins([("counting", Plugin())], entry_points=False)
+        runner = Runner(plugins, load_registry([registry_file], plugins), ResultsStore(store), Cache(cache),
+                        progress=False, log=lambda m: None)
+        return by_label(runner.run("t"))
+
+    first = run(tmp_path / "a.sqlite", tmp_path / "cache")
+    assert len(calls) == 1  # two SAE sources, one compression
+    second = run(tmp_path / "b.sqlite", tmp_path / "cache")  # a new store, the same cache: nothing to compress
+    assert len(calls) == 1
+    for label, row in first.items():
+        assert second[label].metrics == row.metrics
+    # the reloaded weights give the same model: drop cached activations and scores, keep the compressed weights
+    for kind in ("activations", "lm", "saes"):
+        shutil.rmtree(tmp_path / "cache" / kind)
+    third = run(tmp_path / "c.sqlite", tmp_path / "cache")
+    assert len(calls) == 1
+    assert third[("layers.1.resid_post", "original", "cm")].metrics == first[("layers.1.resid_post", "original", "cm")].metrics
+    assert third[("layers.1.resid_post", "original", "cm")].details["compression"]["from_cache"] is True
+    assert first[("layers.1.resid_post", "original", "cm")].metrics["model_ppl"] > 1

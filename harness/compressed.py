@@ -1,0 +1,75 @@
+"""Compressed models: compress a copy of M, verify it layer by layer, and cache the result by content key.
+
+The cache holds the verification report and, when the compressed model is still made of the base model's
+module types (pruning, fake-quantization written back into weights), its state dict; loading it back is a
+copy of M plus ``load_state_dict``. Models whose modules were replaced (e.g. HQQLinear) are recompressed
+when needed; their report is still cached.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+from harness.cache import Cache, cache_key
+from harness.protocols import CompressionContext, Compressor
+from harness.verify import CompressionMismatch, clone_weights, linear_layers, verify
+
+COMPRESSED_VERSION = 1
+WEIGHTS = "weights.safetensors"
+
+
+@dataclass
+class Compressed:
+    model: nn.Module
+    details: dict = field(default_factory=dict)  # compression name, seconds, per-layer report, from_cache
+
+
+def _same_module_types(a: nn.Module, b: nn.Module) -> bool:
+    return [(n, type(m)) for n, m in a.named_modules()] == [(n, type(m)) for n, m in b.named_modules()]
+
+
+def compress_verified(
+    cache: Cache, base: nn.Module, base_identity: dict, name: str, compressor: Compressor, params: BaseModel,
+    ctx: CompressionContext, calibration_key: str, *, allow_mismatch: bool = False,
+) -> Compressed:
+    """M_c for ``name``, from the cache when possible. Raises ``CompressionMismatch`` (with ``.report``) when
+    a layer misses what the compression promised, unless ``allow_mismatch``."""
+    key = cache_key({**base_identity, "compression": name, "compressor": compressor.name,
+                     "params": params.model_dump(mode="json"), "calibration": calibration_key, "seed": ctx.seed,
+                     "version": COMPRESSED_VERSION})
+    path = cache.get("compressed", key)
+    if path is not None and (path / WEIGHTS).exists():
+        model = copy.deepcopy(base)
+        load_model(model, path / WEIGHTS, strict=True, device=str(next(base.parameters()).device))
+        return Compressed(model, {**cache.meta("compressed", key), "from_cache": True})
+    model = copy.deepcopy(base)
+    expectation = compressor.expectation(model, params)
+    names = expectation.targets or list(linear_layers(model))
+    originals = clone_weights(model, names)
+    start = time.perf_counter()
+    torch.manual_seed(ctx.seed)
+    model = compressor.compress(model, params, ctx)
+    details = {"compression": name, "seconds": time.perf_counter() - start}
+    try:
+        report = verify(model, names, expectation, originals, allow_mismatch=allow_mismatch)
+    except CompressionMismatch as exc:
+        exc.details = {**details, "layers": [r.model_dump() for r in exc.report]}  # type: ignore[attr-defined]
+        raise
+    details["layers"] = [r.model_dump() for r in report]
+    keep_weights = _same_module_types(base, model)
+
+    def write(tmp: Path) -> dict:
+        if keep_weights:
+            save_model(model, str(tmp / WEIGHTS))
+        return details
+
+    cache.put("compressed", key, write)
+    return Compressed(model, {**details, "from_cache": False})
