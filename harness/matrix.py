@@ -1,7 +1,8 @@
 """A matrix expands into cells: one per (model, hook, SAE arch, SAE source, scored-on model).
 
-``original`` is scored on the base model once per (model, hook, arch), independent of the compression, and
-on every compressed model; ``retrained`` is scored on the compressed model it was trained on.
+``original`` and ``loaded:*`` are scored on the base model once per (model, hook, arch), independent of the
+compression, and on every compressed model; ``retrained`` and ``pruned:*`` are scored on the compressed model
+they were trained or calibrated on.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from dataclasses import asdict, dataclass
 
 from harness.cache import cache_key
 from harness.registry import MatrixEntry, Registry
+from harness.sources import parse_source
 
 BASE = "base"  # the scored-on value for the uncompressed model
 
@@ -57,8 +59,9 @@ def expand(name: str, matrix: MatrixEntry) -> list[Cell]:
     for model in matrix.models:
         for hook in matrix.hooks:
             for sae in matrix.saes:
-                if "original" in matrix.sources:
-                    cells.append(Cell(name, model, None, hook, sae, "original", BASE))
+                for source in matrix.sources:
+                    if parse_source(source).on_base_too:
+                        cells.append(Cell(name, model, None, hook, sae, source, BASE))
                 for compression in matrix.compressions:
                     for source in matrix.sources:
                         cells.append(Cell(name, model, compression, hook, sae, source, "compressed"))

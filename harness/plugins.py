@@ -29,7 +29,10 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "plugins.compression.none",
     "plugins.compression.magnitude",
     "plugins.sae.topk",
+    "plugins.pruning",
     "plugins.metrics.reconstruction",
+    "plugins.metrics.transfer",
+    "plugins.metrics.downstream",
 )
 
 Kind = Literal["model", "corpus", "compression", "sae", "pruner", "metric"]

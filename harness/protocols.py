@@ -4,7 +4,7 @@ are validated against it) and a one-line ``description`` shown by ``saex plugins
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterator, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Iterator, Literal, Protocol, runtime_checkable
 
 import torch
 from pydantic import BaseModel
@@ -12,6 +12,7 @@ from pydantic import BaseModel
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+    from harness.hookpoints import HookPoint
     from harness.sae import SAE
 
 
@@ -67,16 +68,42 @@ class CompressionExpectation:
     sparsity: float | None = None  # fraction of zero weights in every targeted Linear layer
     tolerance: float = 0.01
     targets: list[str] = field(default_factory=list)  # qualified module names that must have been touched
+    # N:M sparsity: at most n non-zero weights in every group of m consecutive weights along the input dim
+    n_m: tuple[int, int] | None = None
+    # quantization: at most 2**bits distinct values in every quantization group of the dense weight
+    bits: int | None = None
+    group_size: int | None = None  # weights per group; None = one group per output row (per channel)
+    group_axis: int = 1  # 1: groups run along the input dim of each row; 0: hqq's axis-0 layout (see verify)
 
 
 @dataclass
 class MetricContext:
-    """Everything a metric may read for one scored SAE."""
+    """Everything a per-SAE metric may read for one scored SAE.
+
+    ``reference_activations`` are the base model's eval activations at the same hook, row-aligned with
+    ``eval_activations`` (same tokens), when the SAE is scored on a compressed model; ``reference_sae`` is the
+    ``original`` SAE when the scored SAE is another one (retrained, pruned, loaded).
+    """
 
     sae: "SAE"
     eval_activations: ActivationSource
     device: torch.device
     batch_size: int = 4096
+    reference_activations: ActivationSource | None = None
+    reference_sae: "SAE | None" = None
+
+
+@dataclass
+class SpliceContext:
+    """Everything a splice metric reads: one scored model and hook, its eval token blocks, and every SAE
+    scored there (label -> SAE), so the layers before the hook run once for all of them."""
+
+    model: torch.nn.Module
+    hook: "HookPoint"
+    blocks: torch.Tensor
+    tokenizer: "PreTrainedTokenizerBase"
+    device: torch.device
+    saes: dict[str, "SAE"]
 
 
 # --- plugin kinds ----------------------------------------------------------------------------------------
@@ -121,8 +148,17 @@ class SAEPruner(Component, Protocol):
 
 
 class Metric(Component, Protocol):
+    """A per-SAE metric (``scope = "sae"``) implements ``compute``; a metric that splices SAEs into the model
+    (``scope = "splice"``) implements ``compute_spliced`` and is called once per (scored model, hook)."""
+
+    scope: Literal["sae", "splice"]
+
     def compute(self, ctx: MetricContext, params: BaseModel) -> dict[str, float]:
         """Flat dict of metric name -> value."""
+        ...
+
+    def compute_spliced(self, ctx: SpliceContext, params: BaseModel) -> dict[str, dict[str, float]]:
+        """SAE label -> flat dict of metric name -> value."""
         ...
 
 

@@ -7,7 +7,6 @@ the valid choices, and is raised while reading, before anything runs.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from harness.hookpoints import parse_hook
 from harness.plugins import Kind, Plugins
+from harness.sources import parse_source
 from harness.training import TrainingConfig
 
 SECTIONS: dict[str, Kind] = {
@@ -25,9 +25,6 @@ SECTIONS: dict[str, Kind] = {
     "saes": "sae",
     "metrics": "metric",
 }
-SOURCE_RE = re.compile(r"^(original|retrained)$")
-
-
 class RegistryError(ValueError):
     """Bad registry input: names the file, the YAML path, the value and the valid choices."""
 
@@ -95,8 +92,7 @@ class MatrixEntry(Strict):
     @classmethod
     def _sources_known(cls, sources: list[str]) -> list[str]:
         for source in sources:
-            if not SOURCE_RE.match(source):
-                raise ValueError(f"unknown SAE source {source!r}; valid choices: original, retrained")
+            parse_source(source)
         return sources
 
 
@@ -195,7 +191,7 @@ def _check_plugins(reg: Registry, plugins: Plugins) -> None:
                 raise RegistryError(file, _format_loc(f"{where}.params", err["loc"]), err["msg"], err.get("input"), choices)
 
 
-def _check_matrices(reg: Registry) -> None:
+def _check_matrices(reg: Registry, plugins: Plugins) -> None:
     refs = {"models": "models", "compressions": "compressions", "saes": "saes", "metrics": "metrics"}
     for name, matrix in reg.matrices.items():
         file = reg.origins[f"matrices.{name}"]
@@ -204,6 +200,11 @@ def _check_matrices(reg: Registry) -> None:
             for i, ref in enumerate(getattr(matrix, field)):
                 if ref not in known:
                     raise RegistryError(file, f"matrices.{name}.{field}[{i}]", f"not defined in {section}", ref, known)
+        for i, text in enumerate(matrix.sources):
+            source = parse_source(text)
+            if source.kind == "pruned" and source.strategy not in plugins.names("pruner"):
+                raise RegistryError(file, f"matrices.{name}.sources[{i}]", "no SAE pruning strategy of that name",
+                                    source.strategy, plugins.names("pruner"))
         if matrix.corpus not in reg.corpora:
             raise RegistryError(file, f"matrices.{name}.corpus", "not defined in corpora", matrix.corpus, sorted(reg.corpora))
 
@@ -216,6 +217,6 @@ def load_registry(files: list[Path], plugins: Plugins) -> Registry:
         _merge_file(merged, origins, Path(file))
     reg = _validate_entries(merged, origins)
     _check_plugins(reg, plugins)
-    _check_matrices(reg)
+    _check_matrices(reg, plugins)
     return reg
 

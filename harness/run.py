@@ -17,6 +17,7 @@ from typing import Callable
 
 import torch
 import transformers
+from pydantic import BaseModel
 from torch import nn
 
 import harness
@@ -27,9 +28,11 @@ from harness.hookpoints import HookPoint, check_hook, parse_hook
 from harness.matrix import BASE, Cell, expand
 from harness.models import resolve_device
 from harness.plugins import Plugins
-from harness.protocols import CompressionContext, LoadedModel, MetricContext
+from harness.protocols import CompressionContext, LoadedModel, Metric, MetricContext, SAEArchitecture, SpliceContext
 from harness.registry import MatrixEntry, Registry
+from harness.sources import Source, parse_source
 from harness.sae import SAE, load_sae, save_sae
+from harness.sae_sparsity import sae_sparsity
 from harness.store import CellResult, ResultsStore
 from harness.training import train_sae
 from harness.compressed import compress_verified
@@ -60,15 +63,23 @@ class ModelState:
 
     @property
     def model(self) -> nn.Module:
+        if self.error:
+            raise RuntimeError(self.error)
         if self._model is None:
             self._model = self.build(self)
         return self._model
+
+    def release(self) -> None:
+        """Drop the model (not what was computed from it) once its cells are scored."""
+        self._model = None
 
 
 @dataclass
 class SAEArtifact:
     sae: SAE
     cost: dict[str, float]
+    key: str  # cache key ("" for SAEs loaded from a user's path)
+    details: dict = field(default_factory=dict)
 
 
 class Runner:
@@ -105,15 +116,18 @@ class Runner:
         blocks = self._blocks(matrix, loaded)
         base = ModelState({"model": loaded.fingerprint, "dtype": matrix.dtype}, lambda state: loaded.model)
         ctx = _Context(matrix, loaded, blocks, hooks, device)
-        for cell in [c for c in cells if c.scored_on == BASE]:
-            self._run_cell(cell, ctx, base, base)
+        groups: list[tuple[ModelState, list[Cell]]] = [(base, [c for c in cells if c.scored_on == BASE])]
         for compression in matrix.compressions:
             todo = [c for c in cells if c.compression == compression]
             if todo:
-                compressed = self._compressed_state(ctx, base, compression)
-                for cell in todo:
-                    self._run_cell(cell, ctx, base, compressed)
-                del compressed
+                groups.append((self._compressed_state(ctx, base, compression), todo))
+        for target, todo in groups:
+            for hook in hooks:
+                group = [c for c in todo if c.hook == str(hook)]
+                if group:
+                    self._score_group(group, ctx, base, target, hook)
+            if target is not base:
+                target.release()
 
     def _blocks(self, matrix: MatrixEntry, loaded: LoadedModel) -> TokenBlocks:
         entry = self.registry.corpora[matrix.corpus]
@@ -147,31 +161,43 @@ class Runner:
 
     # --- per cell -------------------------------------------------------------------------------------------
 
-    def _run_cell(self, cell: Cell, ctx: "_Context", base: ModelState, target: ModelState) -> None:
-        key, config = cell.key(self.registry), cell.config(self.registry)
-        self.store.start(key, cell.matrix, config["cell"], config)
-        self.plugins.manager.hook.cell_started(cell=cell)
-        self.log(f"cell {cell.label}")
-        result = CellResult(key, cell.matrix, config["cell"], "running", versions=versions(), config=config)
-        try:
-            if target.error:
-                raise RuntimeError(target.error)
-            hook = parse_hook(cell.hook)
-            trained_on = base if cell.source == "original" else target
-            artifact = self._sae(ctx, trained_on, cell.sae, hook)
-            eval_acts = self._acts(ctx, target, "eval", hook)
-            result.metrics = {**self._metrics(ctx, artifact.sae, eval_acts), **self._lm_metrics(ctx, target)}
-            result.cost = artifact.cost
-            result.status = "done"
-        except Exception as exc:
-            result.status = "failed"
-            result.error = f"{type(exc).__name__}: {exc}"
-            result.details["traceback"] = traceback.format_exc(limit=8)
-            self.log(f"  failed: {result.error}")
-        if target.details:
-            result.details["compression"] = target.details
-        self.store.finish(result)
-        self.plugins.manager.hook.cell_finished(cell=cell, result=result)
+    def _score_group(self, cells: list[Cell], ctx: "_Context", base: ModelState, target: ModelState,
+                     hook: HookPoint) -> None:
+        """Score every cell of one (scored model, hook): per-SAE metrics, then the splice metrics of all their
+        SAEs together (one prefix pass, one suffix pass per variant)."""
+        running: dict[Cell, CellResult] = {}
+        for cell in cells:
+            key, config = cell.key(self.registry), cell.config(self.registry)
+            self.store.start(key, cell.matrix, config["cell"], config)
+            self.plugins.manager.hook.cell_started(cell=cell)
+            running[cell] = CellResult(key, cell.matrix, config["cell"], "running", versions=versions(), config=config)
+        saes: dict[Cell, SAE] = {}
+        for cell, result in running.items():
+            self.log(f"cell {cell.label}")
+            try:
+                if target.error:
+                    raise RuntimeError(target.error)
+                artifact = self._sae(ctx, parse_source(cell.source), base, target, cell.sae, hook)
+                result.cost, result.details = artifact.cost, artifact.details
+                result.metrics = {**self._sae_metrics(ctx, cell, artifact.sae, base, target, hook),
+                                  **self._lm_metrics(ctx, target)}
+                saes[cell] = artifact.sae
+            except Exception as exc:
+                _fail(result, exc, self.log)
+        if saes:
+            try:
+                for cell, values in self._splice_metrics(ctx, target, hook, saes).items():
+                    running[cell].metrics.update(values)
+            except Exception as exc:
+                for cell in saes:
+                    _fail(running[cell], exc, self.log)
+        for cell, result in running.items():
+            if result.status == "running":
+                result.status = "done"
+            if target.details:
+                result.details["compression"] = target.details
+            self.store.finish(result)
+            self.plugins.manager.hook.cell_finished(cell=cell, result=result)
 
     def _acts(self, ctx: "_Context", state: ModelState, split: str, hook: HookPoint) -> ShardedActivations:
         if (split, str(hook)) not in state.acts:
@@ -183,25 +209,96 @@ class Runner:
                 state.acts[(split, str(h))] = acts
         return state.acts[(split, str(hook))]
 
-    def _sae(self, ctx: "_Context", trained_on: ModelState, sae_name: str, hook: HookPoint) -> SAEArtifact:
+    def _architectures(self) -> dict[str, SAEArchitecture]:
+        return {n: self.plugins.get("sae", n) for n in self.plugins.names("sae")}
+
+    def _sae(self, ctx: "_Context", source: Source, base: ModelState, target: ModelState, sae_name: str,
+             hook: HookPoint) -> SAEArtifact:
+        if source.kind == "loaded":
+            start = time.perf_counter()
+            sae = load_sae(Path(source.path).expanduser(), self._architectures()).to(ctx.device).eval()
+            return SAEArtifact(sae, {"sae_seconds": time.perf_counter() - start, "sae_tokens": 0}, "")
+        if source.kind == "pruned":
+            return self._pruned_sae(ctx, source, base, target, sae_name, hook)
+        return self._trained_sae(ctx, base if source.kind == "original" else target, sae_name, hook)
+
+    def _trained_sae(self, ctx: "_Context", trained_on: ModelState, sae_name: str, hook: HookPoint) -> SAEArtifact:
         entry = self.registry.saes[sae_name]
         arch = self.plugins.get("sae", entry.plugin)
         acts = self._acts(ctx, trained_on, "train", hook)
-        key = cache_key({"acts": str(acts.path.name), "sae": entry.model_dump(), "seed": ctx.matrix.seed,
+        key = cache_key({"acts": acts.path.name, "sae": entry.model_dump(), "seed": ctx.matrix.seed,
                          "version": SAE_VERSION})
-        architectures = {n: self.plugins.get("sae", n) for n in self.plugins.names("sae")}
-        path = self.cache.get("saes", key)
-        if path is None:
+        if self.cache.get("saes", key) is None:
             def write(tmp: Path) -> dict:
                 sae = arch.build(acts.d_in, self.registry.params("saes", sae_name, self.plugins), seed=ctx.matrix.seed)
                 result = train_sae(sae, acts, entry.training, device=ctx.device, progress=self.progress)
                 save_sae(sae, tmp)
                 return {"seconds": result.seconds, "tokens": result.tokens, "steps": result.steps, **{
                     f"train_{k}": v for k, v in result.final.items()}}
-            path = self.cache.put("saes", key, write)
+            self.cache.put("saes", key, write)
         meta = self.cache.meta("saes", key)
-        sae = load_sae(path, architectures).to(ctx.device).eval()
-        return SAEArtifact(sae, {"sae_seconds": meta["seconds"], "sae_tokens": meta["tokens"]})
+        sae = load_sae(self.cache.dir("saes", key), self._architectures()).to(ctx.device).eval()
+        return SAEArtifact(sae, {"sae_seconds": meta["seconds"], "sae_tokens": meta["tokens"]}, key)
+
+    def _pruned_sae(self, ctx: "_Context", source: Source, base: ModelState, target: ModelState, sae_name: str,
+                    hook: HookPoint) -> SAEArtifact:
+        """The original SAE pruned with ``source.strategy`` at ``source.sparsity``, calibrated on the scored
+        (compressed) model's calibration split."""
+        original = self._trained_sae(ctx, base, sae_name, hook)
+        pruner = self.plugins.get("pruner", source.strategy)
+        params = pruner.Params()
+        calibration = self._acts(ctx, target, "calibration", hook)
+        key = cache_key({"sae": original.key, "strategy": source.strategy, "params": params.model_dump(mode="json"),
+                         "sparsity": source.sparsity, "calibration": calibration.path.name})
+        if self.cache.get("saes", key) is None:
+            def write(tmp: Path) -> dict:
+                start = time.perf_counter()
+                pruned = pruner.prune(original.sae, params, calibration, source.sparsity)
+                seconds = time.perf_counter() - start
+                save_sae(pruned, tmp)
+                return {"seconds": seconds, "tokens": calibration.n_tokens, "achieved": sae_sparsity(pruned, reference=original.sae)}
+            self.cache.put("saes", key, write)
+        meta = self.cache.meta("saes", key)
+        sae = load_sae(self.cache.dir("saes", key), self._architectures()).to(ctx.device).eval()
+        cost = {"sae_seconds": meta["seconds"], "sae_tokens": meta["tokens"], "prune_seconds": meta["seconds"],
+                "calibration_tokens": meta["tokens"], "original_sae_seconds": original.cost["sae_seconds"]}
+        details = {"pruning": {"strategy": source.strategy, "sparsity": source.sparsity, "achieved": meta["achieved"]}}
+        return SAEArtifact(sae, cost, key, details)
+
+    def _sae_metrics(self, ctx: "_Context", cell: Cell, sae: SAE, base: ModelState, target: ModelState,
+                     hook: HookPoint) -> dict[str, float]:
+        reference_acts = self._acts(ctx, base, "eval", hook) if target is not base else None
+        reference_sae = None
+        if parse_source(cell.source).kind != "original":
+            reference_sae = self._trained_sae(ctx, base, cell.sae, hook).sae
+        mctx = MetricContext(sae, self._acts(ctx, target, "eval", hook), ctx.device,
+                             reference_activations=reference_acts, reference_sae=reference_sae)
+        values: dict[str, float] = {}
+        for name, metric, params in self._metric_plugins(ctx, "sae"):
+            _merge(values, metric.compute(mctx, params), name)
+        return values
+
+    def _splice_metrics(self, ctx: "_Context", target: ModelState, hook: HookPoint,
+                        saes: dict[Cell, SAE]) -> dict[Cell, dict[str, float]]:
+        plugins = self._metric_plugins(ctx, "splice")
+        if not plugins:
+            return {}
+        by_label = {c.source: c for c in saes}
+        sctx = SpliceContext(target.model, hook, ctx.blocks.eval, ctx.loaded.tokenizer, ctx.device,
+                             {c.source: sae for c, sae in saes.items()})
+        values: dict[Cell, dict[str, float]] = {c: {} for c in saes}
+        for name, metric, params in plugins:
+            for label, found in metric.compute_spliced(sctx, params).items():
+                _merge(values[by_label[label]], found, name)
+        return values
+
+    def _metric_plugins(self, ctx: "_Context", scope: str) -> list[tuple[str, Metric, BaseModel]]:
+        chosen = []
+        for name in ctx.matrix.metrics:
+            metric = self.plugins.get("metric", self.registry.metrics[name].plugin)
+            if getattr(metric, "scope", "sae") == scope:
+                chosen.append((name, metric, self.registry.params("metrics", name, self.plugins)))
+        return chosen
 
     def _lm_metrics(self, ctx: "_Context", state: ModelState) -> dict[str, float]:
         """Next-token loss and perplexity of the scored model on the eval split (same tokens for every cell)."""
@@ -213,17 +310,20 @@ class Runner:
             state.lm = self.cache.meta("lm", key)
         return {"model_ce": state.lm["ce"], "model_ppl": state.lm["ppl"]}
 
-    def _metrics(self, ctx: "_Context", sae: SAE, acts: ShardedActivations) -> dict[str, float]:
-        values: dict[str, float] = {}
-        mctx = MetricContext(sae, acts, ctx.device)
-        for name in ctx.matrix.metrics:
-            entry = self.registry.metrics[name]
-            metric = self.plugins.get("metric", entry.plugin)
-            for k, v in metric.compute(mctx, self.registry.params("metrics", name, self.plugins)).items():
-                if k in values:
-                    raise ValueError(f"metric {name!r} returns {k!r}, already returned by another metric")
-                values[k] = float(v)
-        return values
+
+
+def _merge(values: dict[str, float], found: dict[str, float], metric: str) -> None:
+    for k, v in found.items():
+        if k in values:
+            raise ValueError(f"metric {metric!r} returns {k!r}, already returned by another metric")
+        values[k] = float(v)
+
+
+def _fail(result: CellResult, exc: Exception, log: Callable[[str], None]) -> None:
+    result.status = "failed"
+    result.error = f"{type(exc).__name__}: {exc}"
+    result.details["traceback"] = traceback.format_exc(limit=8)
+    log(f"  failed: {result.error}")
 
 
 @dataclass

@@ -2,6 +2,7 @@
 overwrite, the lifecycle hooks, and a third-party compression used in a matrix."""
 
 import importlib.util
+import math
 import shutil
 import sqlite3
 from pathlib import Path
@@ -33,10 +34,11 @@ def registry_file(tmp_path, text_corpus):
         },
         "saes": {"small": {"plugin": "topk", "params": {"expansion_factor": 2, "k": 8},
                            "training": {"tokens": 4096, "batch_size": 256, "lr": 0.003}}},
-        "metrics": {"rec": {"plugin": "reconstruction"}},
+        "metrics": {"rec": {"plugin": "reconstruction"}, "tr": {"plugin": "transfer"},
+                    "cekl": {"plugin": "ce_kl", "params": {"max_tokens": 512}}},
         "matrices": {"t": {"models": ["tiny3"], "corpus": "docs", "compressions": ["id", "mag"],
                            "hooks": ["layers.1.resid_post", "layers.0.mlp_out"], "saes": ["small"],
-                           "metrics": ["rec"], "block_size": 64, "device": "cpu",
+                           "metrics": ["rec", "tr", "cekl"], "block_size": 64, "device": "cpu",
                            "tokens": {"train": 4096, "calibration": 512, "eval": 1024}}},
     }
     path = tmp_path / "reg.yaml"
@@ -78,14 +80,22 @@ def test_matrix_runs_every_cell_with_verified_compression(tmp_path, registry_fil
     for hook in ("layers.1.resid_post", "layers.0.mlp_out"):
         on_m = cells[(hook, "original", None)].metrics
         # `none` is the identity: the original SAE scores the same on M and on M_c[id], and retraining on
-        # the same activations with the same seed gives the same SAE
-        assert cells[(hook, "original", "id")].metrics == on_m
-        assert cells[(hook, "retrained", "id")].metrics == on_m
+        # the same activations with the same seed gives the same SAE; transfer metrics of an SAE compared
+        # with itself are perfect
+        same = cells[(hook, "original", "id")].metrics
+        retrained = cells[(hook, "retrained", "id")].metrics
+        for key, value in on_m.items():
+            assert same[key] == value and retrained[key] == value
+        assert same["freq_shift_mean_abs"] == 0 and same["act_corr_mean"] == pytest.approx(1)
+        assert retrained["dec_match_mean_max_cos"] == pytest.approx(1) and retrained["dec_match_share_above_0.7"] == 1
         assert 0 < on_m["explained_variance"] <= 1 and on_m["l0"] <= 8
+        assert on_m["ce_clean"] == pytest.approx(on_m["model_ce"], rel=0.05)  # 512 of the 1024 eval tokens
+        assert math.isfinite(on_m["ce_loss_score"]) and on_m["kl_sae"] >= 0  # a random model: ablation barely matters
         pruned = cells[(hook, "original", "mag")]
         layers = pruned.details["compression"]["layers"]
         assert len(layers) == 3 * 7 and all(abs(layer["sparsity"] - 0.5) < 1e-3 for layer in layers)
-        assert pruned.metrics != on_m
+        assert pruned.metrics["explained_variance"] != on_m["explained_variance"]
+        assert pruned.metrics["ce_clean"] != on_m["ce_clean"]  # scored against M_c's own clean run
         assert pruned.cost["sae_seconds"] == cells[(hook, "original", None)].cost["sae_seconds"] > 0
 
 
@@ -209,3 +219,24 @@ def test_compressed_model_is_cached_and_resumed_runs_do_not_compress(tmp_path, r
     assert third[("layers.1.resid_post", "original", "cm")].metrics == first[("layers.1.resid_post", "original", "cm")].metrics
     assert third[("layers.1.resid_post", "original", "cm")].details["compression"]["from_cache"] is True
     assert first[("layers.1.resid_post", "original", "cm")].metrics["model_ppl"] > 1
+
+
+def test_pruned_sources_are_calibrated_on_the_compressed_model(tmp_path, registry_file):
+    data = yaml.safe_load(registry_file.read_text())
+    data["matrices"]["t"].update(
+        compressions=["mag"], hooks=["layers.1.resid_post"],
+        sources=["original", "pruned:wanda@0.5", "pruned:magnitude@0.25", "pruned:latents@0.5"])
+    registry_file.write_text(yaml.safe_dump(data))
+    results = by_label(make_runner(tmp_path, registry_file).run("t"))
+    assert len(results) == 5 and {r.status for r in results.values()} == {"done"}  # original on M and M_c, 3 pruned
+    hook = "layers.1.resid_post"
+    wanda, magnitude, latents = (results[(hook, s, "mag")] for s in ("pruned:wanda@0.5", "pruned:magnitude@0.25", "pruned:latents@0.5"))
+    assert wanda.details["pruning"]["achieved"]["sparsity_W_enc"] == pytest.approx(0.5)
+    assert magnitude.details["pruning"]["achieved"]["sparsity"] == pytest.approx(0.25)
+    assert latents.details["pruning"]["achieved"]["d_sae"] == 64 and latents.details["pruning"]["achieved"]["sparsity"] == pytest.approx(0.5)
+    # calibration split of M_c: 512 tokens less the BOS of each 64-token block
+    assert wanda.cost["calibration_tokens"] == 512 - 8 and wanda.cost["prune_seconds"] > 0
+    # a latent-pruned SAE keeps exact copies of original decoder rows
+    assert latents.metrics["dec_match_mean_max_cos"] == pytest.approx(1)
+    # every SAE on M_c is scored against the same clean run
+    assert len({r.metrics["ce_clean"] for r in results.values() if r.cell["compression"] == "mag"}) == 1

@@ -130,6 +130,7 @@ class Reconstruction:
     """Metric plugin: mse, cos, l2_ratio, explained_variance, l0, l1, dead_frac, dense_frac."""
 
     name = "reconstruction"
+    scope = "sae"
     description = "Reconstruction (mse, cos, l2_ratio, explained variance) and sparsity (l0, l1, dead/dense) of the SAE"
     Params = ReconstructionParams
 

@@ -1,0 +1,97 @@
+"""Downstream metrics by splicing: CE and KL with the SAE's reconstruction in place of the activation.
+
+Per token (predictions made from a special token dropped), pooled means over all eval tokens:
+ce_clean, ce_sae, ce_ablated (zero-ablation of the hook) and
+ce_loss_score = (ce_ablated - ce_sae) / (ce_ablated - ce_clean);
+kl_sae, kl_ablated with KL(p_clean || p_modified) from log_softmax, and
+kl_div_score = (kl_ablated - kl_sae) / kl_ablated.
+The SAE and the zero-ablation replace the activation at the same positions (every non-special token), so
+a zero SAE scores exactly 0 and a perfect one exactly 1. Zero-ablating a residual-stream hook of a bias-free
+model makes every later layer see zeros, so ce_ablated = ln(vocab) there whatever the model.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+
+from harness.corpus import special_mask
+from harness.protocols import SpliceContext
+from harness.spec import hookimpl
+from harness.splice import prefix, sae_transform, suffix_logits, zero_ablation
+
+
+class _Pooled:
+    """Float64 sums of per-token CE and KL for one variant."""
+
+    def __init__(self) -> None:
+        self.ce = 0.0
+        self.kl = 0.0
+        self.n = 0
+
+    def add(self, logp: torch.Tensor, clean_logp: torch.Tensor, targets: torch.Tensor) -> None:
+        self.ce += float(F.nll_loss(logp, targets, reduction="sum").double())
+        self.kl += float((clean_logp.exp() * (clean_logp - logp)).sum().double())
+        self.n += len(targets)
+
+
+def _score(worse: float, better: float, best: float) -> float:
+    """(worse - better) / (worse - best), NaN when the baseline does not move the loss."""
+    denominator = worse - best
+    return (worse - better) / denominator if denominator != 0 else math.nan
+
+
+class CEKL:
+    name = "ce_kl"
+    scope = "splice"
+    description = "CE / KL with the SAE spliced in, against clean and zero-ablated runs (ce_loss_score, kl_div_score)"
+
+    class Params(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        max_tokens: int = Field(8192, gt=0, description="eval tokens used (leading eval blocks); the same for every SAE")
+        batch_blocks: int = Field(4, gt=0)
+
+    def compute_spliced(self, ctx: SpliceContext, params: Params) -> dict[str, dict[str, float]]:
+        n_blocks = max(1, min(len(ctx.blocks), params.max_tokens // ctx.blocks.shape[1]))
+        blocks = ctx.blocks[:n_blocks]
+        variants: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"ablated": zero_ablation}
+        variants |= {label: sae_transform(sae) for label, sae in ctx.saes.items()}
+        pooled = {name: _Pooled() for name in ["clean", *variants]}
+        for start in range(0, n_blocks, params.batch_blocks):
+            ids = blocks[start : start + params.batch_blocks].to(ctx.device)
+            special = special_mask(ids, ctx.tokenizer)
+            keep = ~special[:, :-1]
+            targets = ids[:, 1:][keep]
+            hidden = prefix(ctx.model, ids, ctx.hook)
+
+            def logp(fn, mask) -> torch.Tensor:
+                logits = suffix_logits(ctx.model, hidden, ctx.hook, fn, mask)
+                return F.log_softmax(logits[:, :-1][keep].float(), dim=-1)
+
+            clean = logp(None, None)
+            pooled["clean"].add(clean, clean, targets)
+            for name, fn in variants.items():
+                pooled[name].add(logp(fn, ~special), clean, targets)
+        ce_clean = pooled["clean"].ce / pooled["clean"].n
+        ce_ablated = pooled["ablated"].ce / pooled["ablated"].n
+        kl_ablated = pooled["ablated"].kl / pooled["ablated"].n
+        results = {}
+        for label in ctx.saes:
+            ce_sae, kl_sae = pooled[label].ce / pooled[label].n, pooled[label].kl / pooled[label].n
+            results[label] = {
+                "ce_clean": ce_clean, "ce_sae": ce_sae, "ce_ablated": ce_ablated,
+                "ce_loss_score": _score(ce_ablated, ce_sae, ce_clean),
+                "kl_sae": kl_sae, "kl_ablated": kl_ablated,
+                "kl_div_score": (kl_ablated - kl_sae) / kl_ablated if kl_ablated else math.nan,
+                "ce_tokens": float(pooled[label].n),
+            }
+        return results
+
+
+@hookimpl
+def register_metrics(register):
+    register(CEKL())

@@ -1,0 +1,88 @@
+"""Splicing: one prefix pass, one suffix pass per variant, equal to a full forward; CE/KL scores on
+constructed SAEs (perfect -> 1, zero -> 0)."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from harness.corpus import special_mask
+from harness.hookpoints import HOOK_SITES, HookPoint, spliced
+from harness.protocols import SpliceContext
+from harness.splice import prefix, suffix_logits
+from plugins.metrics.downstream import CEKL
+
+
+class Identity(nn.Module):
+    d_sae = 1
+
+    def forward(self, x):
+        return x, x
+
+
+class Zero(nn.Module):
+    d_sae = 1
+
+    def forward(self, x):
+        return torch.zeros_like(x), x
+
+
+class Scaled(nn.Module):
+    d_sae = 1
+
+    def forward(self, x):
+        return 0.5 * x, x
+
+
+@pytest.fixture
+def blocks(tiny_llama):
+    torch.manual_seed(0)
+    ids = torch.randint(3, len(tiny_llama.tokenizer), (4, 24))
+    ids[:, 0] = tiny_llama.tokenizer.bos_token_id
+    ids[2, 10] = tiny_llama.tokenizer.eos_token_id
+    return ids
+
+
+@pytest.mark.parametrize("site", HOOK_SITES)
+@pytest.mark.parametrize("layer", [0, 2])
+def test_suffix_equals_full_forward(tiny_llama, blocks, site, layer, single_thread):
+    model = tiny_llama.model
+    hook = HookPoint(layer, site)
+    with torch.no_grad():
+        full = model(input_ids=blocks).logits
+        double = lambda x: 2 * x  # noqa: E731
+        mask = ~special_mask(blocks, tiny_llama.tokenizer)
+        with spliced(model, hook, double, mask):
+            full_spliced = model(input_ids=blocks).logits
+    hidden = prefix(model, blocks, hook)
+    torch.testing.assert_close(suffix_logits(model, hidden, hook, None, None), full, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(suffix_logits(model, hidden, hook, double, mask), full_spliced, atol=1e-5, rtol=1e-5)
+    assert len(model.model.layers) == 4  # the full layer list is restored
+
+
+def score(tiny_llama, blocks, saes, hook=HookPoint(1, "resid_post")):
+    ctx = SpliceContext(tiny_llama.model, hook, blocks, tiny_llama.tokenizer, torch.device("cpu"), saes)
+    return CEKL().compute_spliced(ctx, CEKL.Params(max_tokens=10_000, batch_blocks=3))
+
+
+@pytest.mark.parametrize("site", HOOK_SITES)
+def test_perfect_sae_scores_one_and_zero_sae_scores_zero(tiny_llama, blocks, site, single_thread):
+    found = score(tiny_llama, blocks, {"perfect": Identity(), "zero": Zero(), "half": Scaled()}, HookPoint(1, site))
+    perfect, zero, half = found["perfect"], found["zero"], found["half"]
+    assert perfect["ce_loss_score"] == pytest.approx(1, abs=1e-5)
+    assert perfect["kl_sae"] == pytest.approx(0, abs=1e-6) and perfect["kl_div_score"] == pytest.approx(1, abs=1e-5)
+    assert zero["ce_loss_score"] == pytest.approx(0, abs=1e-6) and zero["kl_div_score"] == pytest.approx(0, abs=1e-6)
+    assert half["kl_sae"] > 0
+    assert perfect["ce_clean"] == zero["ce_clean"] == half["ce_clean"]
+    assert perfect["ce_tokens"] == 4 * 22 - 1  # predictions from BOS (one per block) and the EOS dropped
+
+
+def test_ce_clean_matches_a_manual_computation(tiny_llama, blocks):
+    with torch.no_grad():
+        logits = tiny_llama.model(input_ids=blocks).logits
+    keep = ~special_mask(blocks, tiny_llama.tokenizer)[:, :-1]
+    expected = torch.nn.functional.cross_entropy(logits[:, :-1][keep], blocks[:, 1:][keep]).item()
+    found = score(tiny_llama, blocks, {"perfect": Identity()})["perfect"]
+    assert found["ce_clean"] == pytest.approx(expected, abs=1e-5)
+    assert found["ce_ablated"] > 0 and math.isfinite(found["ce_ablated"])
