@@ -16,7 +16,7 @@ from harness.cache import Cache
 from harness.matrix import expand
 from harness.plugins import KIND_HOOKS, PluginError, Plugins, load_plugins
 from harness.registry import Registry, RegistryError, load_registry
-from harness.report import markdown
+from harness.report import ReportExists, Section, markdown, write_report
 from harness.run import Runner
 from harness.store import ResultsStore
 
@@ -48,11 +48,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("matrix")
     p.add_argument("--device", help="override the matrix's device (auto, cpu, cuda, cuda:1)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    p = sub.add_parser("report", help="print a matrix's results (or every row) as markdown")
+    p = sub.add_parser("report", help="a matrix's results (or every row) as markdown; with --out, also PNG figures")
     with_registry(p)
     with_store(p)
     p.add_argument("matrix", nargs="?")
     p.add_argument("--layers", action="store_true", help="also list every compressed layer")
+    p.add_argument("--out", type=Path, help="write report.md and PNG figures into this folder instead of printing")
+    p.add_argument("--force", action="store_true", help="with --out: overwrite report files that already exist")
     return parser
 
 
@@ -126,19 +128,33 @@ def cmd_report(args: argparse.Namespace) -> int:
     if not args.store.exists():
         print(f"saex: error: no results store at {args.store} (run a matrix first, or pass --store)", file=sys.stderr)
         return 2
+    if args.force and not args.out:
+        print("saex: error: --force only applies with --out", file=sys.stderr)
+        return 2
     store = ResultsStore(args.store)
     if args.matrix:
         registry = _registry(args, load_plugins())
         cells = expand(args.matrix, registry.matrix(args.matrix))
         results = [r for c in cells if (r := store.get(c.key(registry))) is not None]
         missing = len(cells) - len(results)
-        print(markdown(f"matrix {args.matrix}", results, layers=args.layers))
-        if missing:
-            print(f"{missing} of {len(cells)} cells have no result yet")
+        note = f"{missing} of {len(cells)} cells have no result yet." if missing else ""
+        sections = [Section(f"matrix {args.matrix}", results, note)]
+    else:
+        sections = [Section(f"matrix {name}", list(store.rows(name))) for name in sorted({r.matrix for r in store.rows()})]
+    if not args.out:
+        for section in sections:
+            print(markdown(section.title, section.results, layers=args.layers, note=section.note))
         return 0
-    matrices = sorted({r.matrix for r in store.rows()})
-    for name in matrices:
-        print(markdown(f"matrix {name}", list(store.rows(name)), layers=args.layers))
+    try:
+        written = write_report(args.out, sections, layers=args.layers, force=args.force)
+    except ReportExists as exc:
+        print(f"saex: error: {exc}", file=sys.stderr)
+        return 2
+    for path in written:
+        print(path)
+    for section in sections:
+        if section.note:
+            print(f"saex: {section.title}: {section.note}", file=sys.stderr)
     return 0
 
 
