@@ -11,10 +11,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Iterator, Mapping
+from typing import ClassVar, Iterator, Literal, Mapping
 
 import torch
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 from safetensors.torch import load_file, save_file
 
 from harness import __version__
@@ -23,6 +23,20 @@ from harness.protocols import ActivationSource, SAEArchitecture
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
 NORM_ESTIMATE_TOKENS = 100_000
+
+
+class SAEParams(BaseModel):
+    """Params every built-in architecture shares; an architecture's ``Params`` subclasses this."""
+
+    model_config = {"extra": "forbid"}
+
+    d_sae: int | None = Field(None, gt=0, description="number of latents; default expansion_factor * d_in")
+    expansion_factor: int = Field(8, gt=0)
+    normalize_input: bool = Field(True, description="scale inputs to mean norm sqrt(d_in) (stored, undone on decode)")
+    b_dec_init: Literal["mean", "zero"] = Field("mean", description="b_dec at start of training")
+
+    def latents(self, d_in: int) -> int:
+        return self.d_sae or self.expansion_factor * d_in
 
 
 @dataclass
@@ -89,10 +103,27 @@ class SAE(torch.nn.Module):
         """Architectures opt into input normalisation with a boolean ``normalize_input`` param."""
         return bool(getattr(self.params, "normalize_input", False))
 
+    @torch.no_grad()
     def init_from_data(self, source: ActivationSource) -> None:
-        """Data-dependent initialisation, run by the trainer before the first step."""
+        """Data-dependent initialisation, run by the trainer before the first step: input normalisation, then
+        b_dec at the mean scaled input when ``params.b_dec_init == "mean"`` (Gao et al. use the geometric
+        median; the mean is cheaper and close enough for centring)."""
         if self.normalizes_input():
             self.fit_normalisation(source)
+        if getattr(self.params, "b_dec_init", "zero") == "mean":
+            self.b_dec.copy_(mean_activation(source).to(self.b_dec) * self.norm_scale)
+
+    def after_training(self, source: ActivationSource, batch_size: int) -> None:
+        """Run by the trainer once after the last step, in eval mode without gradients: fit what inference
+        needs beyond the weights (e.g. BatchTopK's threshold)."""
+
+    @torch.no_grad()
+    def init_tied(self, seed: int, norm: float = 1.0) -> None:
+        """Decoder rows random directions of norm ``norm``, encoder its transpose, biases zero (Gao et al. A.1;
+        Anthropic's April 2024 update uses the same tied start)."""
+        w = torch.randn(self.d_sae, self.d_in, generator=torch.Generator().manual_seed(seed))
+        self.W_dec.copy_(w / w.norm(dim=-1, keepdim=True) * norm)
+        self.W_enc.copy_(self.W_dec.T)
 
     @torch.no_grad()
     def fit_normalisation(self, source: ActivationSource) -> None:
@@ -106,6 +137,22 @@ class SAE(torch.nn.Module):
         if not math.isfinite(mean_norm) or mean_norm <= 0:
             raise ValueError(f"cannot normalise inputs: mean activation norm is {mean_norm}")
         self.norm_scale.fill_(math.sqrt(self.d_in) / mean_norm)
+
+    # --- dead-latent tracking (for AuxK and similar losses) ------------------------------------------------
+
+    def track_dead_latents(self) -> None:
+        """Call in ``__init__``: keeps per-latent optimizer steps since the latent last fired in the buffer
+        ``steps_since_fired`` (so checkpoints carry it)."""
+        self.register_buffer("steps_since_fired", torch.zeros(self.d_sae, dtype=torch.long))
+
+    @torch.no_grad()
+    def mark_fired(self, fired: torch.Tensor) -> None:
+        """Once per training step; ``fired``: bool [d_sae], latents that fired on the batch."""
+        self.steps_since_fired.add_(1).masked_fill_(fired, 0)
+
+    def dead_latents(self, threshold: int) -> torch.Tensor:
+        """Bool [d_sae]: latents that have not fired for ``threshold`` steps."""
+        return self.steps_since_fired >= threshold
 
     @torch.no_grad()
     def before_step(self) -> None:
@@ -122,11 +169,22 @@ class SAE(torch.nn.Module):
             self.W_dec.div_(self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12))
 
 
-def sample_batches(source: ActivationSource, max_tokens: int = NORM_ESTIMATE_TOKENS) -> Iterator[torch.Tensor]:
+def mean_activation(source: ActivationSource) -> torch.Tensor:
+    """Mean input (float64, model units) over ``sample_batches``."""
+    total, count = torch.zeros(source.d_in, dtype=torch.float64), 0
+    for batch in sample_batches(source):
+        total += batch.double().sum(0)
+        count += batch.shape[0]
+    return total / max(count, 1)
+
+
+def sample_batches(
+    source: ActivationSource, max_tokens: int = NORM_ESTIMATE_TOKENS, *, batch_size: int = 4096
+) -> Iterator[torch.Tensor]:
     """About ``max_tokens`` tokens in a fixed shuffled order, for data-dependent initialisation (the first
     tokens of a corpus are not representative)."""
     count = 0
-    for batch in source.iter_batches(4096, shuffle=True, seed=0):
+    for batch in source.iter_batches(batch_size, shuffle=True, seed=0):
         yield batch
         count += batch.shape[0]
         if count >= max_tokens:

@@ -1,13 +1,17 @@
 """Train any SAE architecture on an activation source: Adam, warmup / constant / linear-decay schedule,
-seeded epochs, progress bar, divergence check. Deterministic on CPU for a fixed seed."""
+seeded epochs, progress bar, divergence check, optional bf16 autocast, resumable checkpoints. Deterministic on
+CPU for a fixed seed, and a resumed run ends with the same weights as an uninterrupted one."""
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Iterator
+from pathlib import Path
+from typing import Iterator, Literal
 
 import torch
 from pydantic import BaseModel, Field
@@ -29,6 +33,9 @@ class TrainingConfig(BaseModel):
     decay_frac: float = Field(0.2, ge=0, le=1, description="linear decay to 0 over this last share of tokens")
     adam_betas: tuple[float, float] = (0.9, 0.999)
     seed: int = 0
+    precision: Literal["float32", "bfloat16"] = Field(
+        "float32", description="bfloat16: autocast the forward (parameters, Adam state and loss stay float32)"
+    )
 
 
 @dataclass
@@ -43,6 +50,13 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or Inf; the message names the step and suggests a lower learning rate."""
 
 
+class CheckpointMismatch(ValueError):
+    """A checkpoint directory holds a run of another SAE, config or data: names the file and what differs."""
+
+
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
 def lr_factor(progress: float, cfg: TrainingConfig) -> float:
     """Multiplier of cfg.lr at ``progress`` (share of training tokens, taken at the middle of a step so neither
     the first nor the last step gets lr 0): linear warmup, constant, then linear decay to 0 over the last
@@ -55,26 +69,55 @@ def lr_factor(progress: float, cfg: TrainingConfig) -> float:
 
 
 def train_sae(
-    sae: SAE, source: ActivationSource, cfg: TrainingConfig, *, device: torch.device, progress: bool = True
+    sae: SAE,
+    source: ActivationSource,
+    cfg: TrainingConfig,
+    *,
+    device: torch.device,
+    progress: bool = True,
+    checkpoint_dir: str | Path | None = None,
+    checkpoint_every: int | None = None,
 ) -> TrainingResult:
     """Train ``sae`` in place on ``device`` (it stays there) for ``cfg.tokens`` tokens of ``source``.
 
-    Starts a fresh run: the SAE's data-dependent initialisation (``init_from_data``: input normalisation,
-    b_dec) runs first and counts towards ``seconds``. Raises ``TrainingDiverged`` on a NaN/Inf loss."""
+    A fresh run first does the SAE's data-dependent initialisation (``init_from_data``: input normalisation,
+    b_dec), which counts towards ``seconds``. With ``checkpoint_dir``, the full training state (weights and
+    buffers, Adam, position in the data, smoothed statistics, elapsed seconds) is written there atomically
+    every ``checkpoint_every`` tokens (default: about 10 times per run); a later call with the same directory,
+    a freshly built SAE of the same architecture and params, the same config and the same source resumes from
+    it and ends bit-identical (on CPU) to an uninterrupted run. After the last step the SAE's
+    ``after_training`` fits what inference needs (BatchTopK's threshold). The checkpoint is deleted when training
+    finishes. Raises ``TrainingDiverged`` on a NaN/Inf loss and ``CheckpointMismatch`` when the directory
+    holds another run."""
     torch.manual_seed(cfg.seed)
     start = time.perf_counter()
-    sae.init_from_data(source)
+    checkpoint = _Checkpoint(Path(checkpoint_dir), _run_identity(sae, source, cfg)) if checkpoint_dir else None
+    every = checkpoint_every or max(cfg.tokens // 10, 1)
+    state = checkpoint.load() if checkpoint else None
+    if state is None:
+        sae.init_from_data(source)
+    else:
+        sae.load_state_dict(state["sae"], strict=True)
     sae.to(device).train()
     optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=cfg.adam_betas)
     window_steps = math.ceil(min(source.n_tokens, cfg.tokens) / cfg.batch_size)
     tracker = _Tracker(sae.d_sae, window_steps, device)
-    seen, steps = 0, 0
-    with tqdm(total=cfg.tokens, unit="tok", desc=f"train {sae.architecture}", disable=not progress) as bar:
-        for x in _batches(source, cfg):
+    seen, steps, earlier_seconds = 0, 0, 0.0
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        tracker.load_state_dict(state["tracker"])
+        seen, steps, earlier_seconds = state["seen"], state["steps"], state["seconds"]
+        torch.set_rng_state(state["rng"])
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bfloat16")
+    next_checkpoint = (seen // every + 1) * every
+    with tqdm(total=cfg.tokens, initial=seen, unit="tok", desc=f"train {sae.architecture}",
+              disable=not progress) as bar:
+        for x in _batches(source, cfg, skip=seen):
             for group in optimizer.param_groups:
                 group["lr"] = cfg.lr * lr_factor((seen + x.shape[0] / 2) / cfg.tokens, cfg)
             x = x.to(device, non_blocking=True)
-            step = sae.training_loss(x)
+            with autocast:
+                step = sae.training_loss(x)
             _check_finite(step, steps, seen, cfg)
             optimizer.zero_grad(set_to_none=True)
             step.loss.backward()
@@ -85,15 +128,68 @@ def train_sae(
             seen, steps = seen + x.shape[0], steps + 1
             bar.update(x.shape[0])
             bar.set_postfix(tracker.postfix(), refresh=False)
+            if checkpoint and seen >= next_checkpoint and seen < cfg.tokens:
+                checkpoint.save(sae, optimizer, tracker, seen, steps,
+                                earlier_seconds + time.perf_counter() - start)
+                next_checkpoint = (seen // every + 1) * every
     sae.eval()
-    return TrainingResult(time.perf_counter() - start, seen, steps, tracker.summary())
+    with torch.no_grad():
+        sae.after_training(source, cfg.batch_size)
+    if checkpoint:
+        checkpoint.remove()
+    return TrainingResult(earlier_seconds + time.perf_counter() - start, seen, steps, tracker.summary())
 
 
-def _batches(source: ActivationSource, cfg: TrainingConfig) -> Iterator[torch.Tensor]:
-    """Exactly ``cfg.tokens`` tokens: epochs reshuffled with seed ``cfg.seed + epoch``, the last batch cut."""
-    remaining, epoch = cfg.tokens, 0
+def _run_identity(sae: SAE, source: ActivationSource, cfg: TrainingConfig) -> str:
+    """What a checkpoint must match to be resumed: architecture, sizes, params, config, data size."""
+    return json.dumps({"architecture": sae.architecture, "d_in": sae.d_in, "d_sae": sae.d_sae,
+                       "params": sae.params.model_dump(mode="json"), "training": cfg.model_dump(mode="json"),
+                       "n_tokens": source.n_tokens}, sort_keys=True)
+
+
+class _Checkpoint:
+    """One file in ``directory``, replaced atomically, so an interruption leaves the previous checkpoint."""
+
+    def __init__(self, directory: Path, identity: str):
+        self.path, self.identity = directory / CHECKPOINT_FILE, identity
+
+    def load(self) -> dict | None:
+        if not self.path.is_file():
+            return None
+        state = torch.load(self.path, map_location="cpu", weights_only=False)
+        if state.get("identity") != self.identity:
+            raise CheckpointMismatch(
+                f"{self.path}: checkpoint of another run; it has {state.get('identity')}, this run is "
+                f"{self.identity}; delete it or use another checkpoint_dir"
+            )
+        return state
+
+    def save(self, sae: SAE, optimizer: torch.optim.Optimizer, tracker: "_Tracker", seen: int, steps: int,
+             seconds: float) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        state = {"identity": self.identity, "sae": {k: v.detach().cpu() for k, v in sae.state_dict().items()},
+                 "optimizer": optimizer.state_dict(), "tracker": tracker.state_dict(), "seen": seen,
+                 "steps": steps, "seconds": seconds, "rng": torch.get_rng_state()}
+        tmp = self.path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, self.path)
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def _batches(source: ActivationSource, cfg: TrainingConfig, skip: int = 0) -> Iterator[torch.Tensor]:
+    """Exactly ``cfg.tokens`` tokens: epochs reshuffled with seed ``cfg.seed + epoch``, the last batch cut.
+
+    ``skip`` (tokens already trained, a step boundary) resumes the same sequence: whole epochs are skipped
+    without reading, and batches of the current epoch are read and dropped."""
+    epoch, offset = divmod(skip, source.n_tokens)
+    remaining = cfg.tokens - skip
     while remaining > 0:
         for x in source.iter_batches(cfg.batch_size, shuffle=True, seed=cfg.seed + epoch):
+            if offset > 0:
+                offset -= x.shape[0]
+                continue
             x = x[:remaining]
             yield x
             remaining -= x.shape[0]
@@ -133,6 +229,14 @@ class _Tracker:
             }
         )
         self.step += 1
+
+    def state_dict(self) -> dict:
+        return {"history": list(self.history), "last_fired": self.last_fired.cpu(), "step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history.extend(state["history"])
+        self.last_fired.copy_(state["last_fired"])
+        self.step = state["step"]
 
     def summary(self) -> dict[str, float]:
         sums = {key: sum(h[key] for h in self.history) for key in self.history[0]}

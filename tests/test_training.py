@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from harness.activations import TensorActivations
-from harness.training import TrainingConfig, TrainingDiverged, lr_factor, train_sae
+from harness.training import CheckpointMismatch, TrainingConfig, TrainingDiverged, lr_factor, train_sae
 from plugins.sae.topk import TopK, TopKSAE
 
 CPU = torch.device("cpu")
@@ -99,3 +99,77 @@ def test_lr_schedule_warms_up_holds_and_decays_to_zero():
 def test_training_config_rejects_unknown_keys():
     with pytest.raises(ValueError, match="epochs"):
         TrainingConfig(epochs=3)
+
+
+class Interrupted(Exception):
+    pass
+
+
+class InterruptAtBatch:
+    """An ActivationSource that raises ``Interrupted`` when batch number ``at`` (across epochs) is requested."""
+
+    def __init__(self, x: torch.Tensor, at: int):
+        self.inner, self.at, self.count = TensorActivations(x), at, 0
+        self.n_tokens, self.d_in = self.inner.n_tokens, self.inner.d_in
+
+    def iter_batches(self, batch_size: int, *, shuffle: bool = False, seed: int = 0) -> Iterator[torch.Tensor]:
+        for batch in self.inner.iter_batches(batch_size, shuffle=shuffle, seed=seed):
+            if self.count == self.at:
+                raise Interrupted
+            self.count += 1
+            yield batch
+
+
+def assert_same_state(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    state_b = b.state_dict()
+    for name, tensor in a.state_dict().items():
+        assert torch.equal(tensor, state_b[name]), name
+
+
+def test_resumed_training_ends_with_the_same_weights_as_an_uninterrupted_run(tmp_path):
+    cfg = TrainingConfig(tokens=3000, batch_size=128, seed=1)  # 1000 tokens: epochs of 7 + 1 short batch
+    reference = build()
+    expected = train_sae(reference, TensorActivations(data()), cfg, device=CPU, progress=False)
+    # batch 0 is the data-dependent init's read; batch 13 is training step 12, in the second epoch
+    with pytest.raises(Interrupted):
+        train_sae(build(), InterruptAtBatch(data(), at=13), cfg, device=CPU, progress=False,
+                  checkpoint_dir=tmp_path, checkpoint_every=500)
+    assert (tmp_path / "checkpoint.pt").is_file()
+    resumed = build()
+    result = train_sae(resumed, TensorActivations(data()), cfg, device=CPU, progress=False,
+                       checkpoint_dir=tmp_path, checkpoint_every=500)
+    assert_same_state(reference, resumed)
+    assert (result.tokens, result.steps) == (expected.tokens, expected.steps)
+    assert result.final == expected.final
+    assert not (tmp_path / "checkpoint.pt").exists()  # removed once training finished
+
+
+def test_checkpoint_of_another_run_is_refused(tmp_path):
+    with pytest.raises(Interrupted):
+        train_sae(build(), InterruptAtBatch(data(), at=10), TrainingConfig(tokens=3000, batch_size=128),
+                  device=CPU, progress=False, checkpoint_dir=tmp_path, checkpoint_every=256)
+    with pytest.raises(CheckpointMismatch, match=r"checkpoint\.pt: checkpoint of another run"):
+        train_sae(build(), TensorActivations(data()), TrainingConfig(tokens=3000, batch_size=128, lr=1e-4),
+                  device=CPU, progress=False, checkpoint_dir=tmp_path)
+
+
+def test_bf16_autocast_keeps_metrics_within_one_percent_of_fp32():
+    x = planted_mix()
+    results = {}
+    for precision in ("float32", "bfloat16"):
+        sae = build()
+        cfg = TrainingConfig(tokens=20_000, batch_size=256, lr=3e-3, precision=precision)
+        train_sae(sae, TensorActivations(x), cfg, device=CPU, progress=False)
+        assert sae.W_dec.dtype == torch.float32  # parameters stay float32
+        with torch.no_grad():
+            x_hat, _ = sae(x)
+        results[precision] = (1 - (x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum()).item()
+    assert results["float32"] > 0.8
+    assert results["bfloat16"] == pytest.approx(results["float32"], rel=0.01)
+
+
+def planted_mix(n: int = 4000) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    dictionary = torch.nn.functional.normalize(torch.randn(32, 16, generator=g), dim=-1)
+    which = torch.rand(n, 32, generator=g).argsort(-1)[:, :3]
+    return torch.zeros(n, 32).scatter_(-1, which, torch.rand(n, 3, generator=g) + 0.5) @ dictionary

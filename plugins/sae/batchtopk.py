@@ -1,0 +1,103 @@
+"""BatchTopK SAE (Bussmann et al. 2024, "BatchTopK Sparse Autoencoders"): in training keep the k * batch
+largest activations of the whole batch (k per token on average, so the SAE can spend more latents on harder
+tokens); for inference a single threshold theta replaces the batch dependency, f = ReLU(pre) * (pre > theta).
+theta is the smallest kept activation of a batch, averaged: by default over batches of the final SAE after
+training (the paper's estimate), or as SAELens does, an exponential moving average during training (which
+lags when the run has few steps: its time constant is 1 / threshold_lr steps)."""
+
+from __future__ import annotations
+
+from typing import Callable, Literal
+
+import torch
+from pydantic import Field
+
+from harness.protocols import ActivationSource
+from harness.sae import TrainStep, sample_batches
+from harness.spec import hookimpl
+from plugins.sae.topk import TopKParams, TopKSAE
+
+
+class BatchTopKParams(TopKParams):
+    k: float = Field(32, gt=0, description="active latents per token, on average over a training batch")  # type: ignore
+    threshold_fit: Literal["after_training", "ema"] = Field(
+        "after_training", description="how the inference threshold is fitted (see the module doc)"
+    )
+    threshold_lr: float = Field(0.01, gt=0, le=1, description="EMA rate of the threshold during training")
+
+
+class BatchTopKSAE(TopKSAE):
+    """Training: f = ReLU(pre) restricted to the batch's top k*n values. Inference (``encode``, ``forward``):
+    f = ReLU(pre) * (pre > threshold). AuxK and unit-norm decoder rows as TopK. Saved for SAELens as its
+    ``jumprelu`` with every latent's threshold equal to the fitted one, which is how SAELens saves it."""
+
+    architecture = "batchtopk"
+    params: BatchTopKParams
+
+    def __init__(self, d_in: int, params: BatchTopKParams, *, seed: int = 0):
+        super().__init__(d_in, params, seed=seed)
+        self.register_buffer("threshold", torch.zeros(()))
+
+    def encode_scaled(self, x: torch.Tensor) -> torch.Tensor:
+        pre = self._pre(x)
+        return pre.relu() * (pre > self.threshold).to(pre.dtype)
+
+    def forward_scaled(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        f = self.encode_scaled(x)
+        return self.decode_scaled(f), f
+
+    def batch_topk(self, pre: torch.Tensor) -> torch.Tensor:
+        acts = pre.relu()
+        flat = acts.flatten()
+        top = flat.topk(min(int(self.k * pre.shape[0]), flat.numel()), sorted=False)
+        return torch.zeros_like(flat).scatter_(0, top.indices, top.values).view_as(acts)
+
+    def training_loss(self, x: torch.Tensor) -> TrainStep:
+        x = x * self.norm_scale
+        pre = self._pre(x)
+        f = self.batch_topk(pre)
+        x_hat = self.decode_scaled(f)
+        self._update_threshold(f.detach())
+        step = self._loss_with_auxk(x, x_hat, pre, f.detach())
+        step.parts["threshold"] = float(self.threshold)
+        return step
+
+    @torch.no_grad()
+    def _update_threshold(self, f: torch.Tensor) -> None:
+        positive = f[f > 0]
+        if positive.numel():
+            lr = self.params.threshold_lr
+            updated = (1 - lr) * self.threshold.double() + lr * positive.min().double()
+            self.threshold.copy_(updated.to(self.threshold.dtype))
+
+
+    @torch.no_grad()
+    def after_training(self, source: ActivationSource, batch_size: int) -> None:
+        """With ``threshold_fit == "after_training"``: the mean over training-size batches (about 100k tokens)
+        of the smallest activation BatchTopK keeps."""
+        if self.params.threshold_fit != "after_training":
+            return
+        minima = []
+        for x in sample_batches(source, batch_size=batch_size):
+            if x.shape[0] < batch_size and minima:
+                break  # a short last batch keeps fewer values: its minimum is biased upwards
+            f = self.batch_topk(self._pre(x.to(self.W_enc.device) * self.norm_scale))
+            positive = f[f > 0]
+            if positive.numel():
+                minima.append(positive.min().double())
+        if minima:
+            self.threshold.copy_(torch.stack(minima).mean().to(self.threshold.dtype))
+
+
+class BatchTopK:
+    name = "batchtopk"
+    description = "BatchTopK SAE (Bussmann et al. 2024): k per token on average over a batch; threshold at inference"
+    Params = BatchTopKParams
+
+    def build(self, d_in: int, params: BatchTopKParams, *, seed: int = 0) -> BatchTopKSAE:
+        return BatchTopKSAE(d_in, params, seed=seed)
+
+
+@hookimpl
+def register_sae_architectures(register: Callable[[BatchTopK], None]) -> None:
+    register(BatchTopK())

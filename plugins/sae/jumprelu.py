@@ -1,0 +1,123 @@
+"""JumpReLU SAE (Rajamanoharan et al. 2024, "Jumping Ahead"): f_j = pre_j * H(pre_j - theta_j) with a learned
+per-latent threshold theta, trained with an L0 penalty through straight-through estimators that use a
+rectangle kernel of width ``bandwidth`` for the gradient with respect to theta."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from pydantic import Field
+
+from harness.sae import SAE, SAEParams, TrainStep
+from harness.spec import hookimpl
+
+
+def rectangle(u: torch.Tensor) -> torch.Tensor:
+    return ((u > -0.5) & (u < 0.5)).to(u.dtype)
+
+
+class JumpReLUFunction(torch.autograd.Function):
+    """Forward pre * (pre > theta). Backward: d/dpre = 1 where active; d/dtheta = -(theta / eps) K((pre -
+    theta) / eps) (paper eq. 11), summed over the batch."""
+
+    @staticmethod
+    def forward(ctx: Any, pre: torch.Tensor, theta: torch.Tensor, bandwidth: float) -> torch.Tensor:
+        ctx.save_for_backward(pre, theta)
+        ctx.bandwidth = bandwidth
+        return pre * (pre > theta).to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+        pre, theta = ctx.saved_tensors
+        eps = ctx.bandwidth
+        grad_pre = (pre > theta).to(grad.dtype) * grad
+        grad_theta = -(theta / eps) * rectangle((pre - theta) / eps) * grad
+        return grad_pre, grad_theta.sum(0).to(theta.dtype), None
+
+
+class StepFunction(torch.autograd.Function):
+    """Forward H(pre - theta). Backward: no gradient to pre; d/dtheta = -(1 / eps) K((pre - theta) / eps)
+    (paper eq. 12), summed over the batch."""
+
+    @staticmethod
+    def forward(ctx: Any, pre: torch.Tensor, theta: torch.Tensor, bandwidth: float) -> torch.Tensor:
+        ctx.save_for_backward(pre, theta)
+        ctx.bandwidth = bandwidth
+        return (pre > theta).to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, torch.Tensor, None]:
+        pre, theta = ctx.saved_tensors
+        eps = ctx.bandwidth
+        grad_theta = -(1.0 / eps) * rectangle((pre - theta) / eps) * grad
+        return None, grad_theta.sum(0).to(theta.dtype), None
+
+
+class JumpReLUParams(SAEParams):
+    sparsity_coefficient: float = Field(1e-3, ge=0, description="lambda: weight of the L0 penalty (mean over tokens)")
+    sparsity_warmup_tokens: int = Field(0, ge=0, description="tokens over which lambda ramps linearly from 0")
+    threshold_init: float = Field(0.1, ge=0, description="initial theta for every latent (scaled units)")
+    bandwidth: float = Field(0.05, gt=0, description="epsilon: width of the rectangle kernel of the STE")
+
+
+class JumpReLUSAE(SAE):
+    """pre = (x - b_dec) W_enc + b_enc; f = ReLU(pre) * (pre > theta); x_hat = f W_dec + b_dec;
+    loss = ||x - x_hat||^2 + lambda * ||f||_0. Unit-norm decoder rows, as in the paper; theta is trained
+    directly and kept >= 0 by projection (as SAELens; a log-parameterised theta barely moves under Adam)."""
+
+    architecture = "jumprelu"
+    unit_norm_decoder = True
+    params: JumpReLUParams
+
+    def __init__(self, d_in: int, params: JumpReLUParams, *, seed: int = 0):
+        super().__init__(d_in, params.latents(d_in), params)
+        self.threshold = torch.nn.Parameter(torch.full((self.d_sae,), params.threshold_init))
+        self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.long))
+        self.init_tied(seed)
+
+    def _pre(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.b_dec) @ self.W_enc + self.b_enc
+
+    def encode_scaled(self, x: torch.Tensor) -> torch.Tensor:
+        pre = self._pre(x)
+        return pre.relu() * (pre > self.threshold).to(pre.dtype)
+
+    def decode_scaled(self, f: torch.Tensor) -> torch.Tensor:
+        return f @ self.W_dec + self.b_dec
+
+    def sparsity_weight(self, batch: int) -> float:
+        warmup = self.params.sparsity_warmup_tokens
+        share = 1.0 if warmup == 0 else min(1.0, (int(self.tokens_seen) + batch) / warmup)
+        return self.params.sparsity_coefficient * share
+
+    def training_loss(self, x: torch.Tensor) -> TrainStep:
+        with torch.no_grad():
+            self.threshold.clamp_(min=0.0)
+        x = x * self.norm_scale
+        pre = self._pre(x)
+        theta = self.threshold.to(pre.dtype)
+        f = JumpReLUFunction.apply(pre, theta, self.params.bandwidth)
+        x_hat = self.decode_scaled(f)
+        mse = (x_hat - x).pow(2).sum(-1).mean()
+        l0 = StepFunction.apply(pre, theta, self.params.bandwidth).float().sum(-1).mean()
+        weight = self.sparsity_weight(x.shape[0])
+        self.tokens_seen.add_(x.shape[0])
+        parts = {"mse": mse.item(), "l0": l0.item(), "sparsity_weight": weight}
+        return TrainStep(mse + weight * l0, x_hat.detach() / self.norm_scale, f.detach(), parts)
+
+
+class JumpReLU:
+    name = "jumprelu"
+    description = (
+        "JumpReLU SAE (Rajamanoharan et al. 2024): per-latent threshold, STE with rectangle kernel, L0 penalty"
+    )
+    Params = JumpReLUParams
+
+    def build(self, d_in: int, params: JumpReLUParams, *, seed: int = 0) -> JumpReLUSAE:
+        return JumpReLUSAE(d_in, params, seed=seed)
+
+
+@hookimpl
+def register_sae_architectures(register: Callable[[JumpReLU], None]) -> None:
+    register(JumpReLU())

@@ -1,0 +1,210 @@
+"""SAELens format both ways: SAEs built and saved by SAELens 6 load into our classes with the same encode and
+decode (to 1e-5), and ours saved with ``save_saelens`` load in SAELens with the same results."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+
+from harness.saelens import load_pretrained, load_saelens, save_saelens
+from harness.sae import SAE, SAEFormatError, save_sae
+from plugins.sae.batchtopk import BatchTopK, BatchTopKSAE
+from plugins.sae.jumprelu import JumpReLU, JumpReLUSAE
+from plugins.sae.relu import ReLU, ReLUSAE
+from plugins.sae.topk import TopK, TopKSAE
+
+sae_lens = pytest.importorskip("sae_lens")
+from sae_lens import SAE as LensSAE  # noqa: E402
+from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig  # noqa: E402
+from sae_lens.saes.jumprelu_sae import JumpReLUSAE as LensJumpReLU, JumpReLUSAEConfig  # noqa: E402
+from sae_lens.saes.standard_sae import StandardSAE, StandardSAEConfig  # noqa: E402
+from sae_lens.saes.topk_sae import (  # noqa: E402
+    TopKSAE as LensTopK,
+    TopKSAEConfig,
+    TopKTrainingSAE,
+    TopKTrainingSAEConfig,
+)
+
+D_IN, D_SAE, K = 24, 96, 6
+TOL = {"rtol": 1e-5, "atol": 1e-5}
+ARCHITECTURES = {"relu": ReLU(), "topk": TopK(), "jumprelu": JumpReLU(), "batchtopk": BatchTopK()}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(single_thread):
+    yield
+
+
+def randomise(module: torch.nn.Module, seed: int) -> None:
+    """Every weight random (SAELens initialises biases and thresholds to zero, which would hide bugs)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * (0.3 if name.startswith("W") else 0.1))
+        if hasattr(module, "threshold"):
+            module.threshold.copy_(torch.rand(module.threshold.shape, generator=g) * 0.3)
+
+
+def inputs(n: int = 64, seed: int = 1) -> torch.Tensor:
+    return torch.randn(n, D_IN, generator=torch.Generator().manual_seed(seed))
+
+
+def assert_same_sae(ours: SAE, lens: torch.nn.Module, x: torch.Tensor) -> None:
+    with torch.no_grad():
+        f_ours, f_lens = ours.encode(x), lens.encode(x)
+        assert torch.equal(f_ours != 0, f_lens != 0)  # the same latents fire
+        torch.testing.assert_close(f_ours, f_lens, **TOL)
+        torch.testing.assert_close(ours.decode(f_lens), lens.decode(f_lens), **TOL)
+        torch.testing.assert_close(ours(x)[0], lens(x), **TOL)
+
+
+# --- SAELens -> ours --------------------------------------------------------------------------------------
+
+def lens_standard() -> torch.nn.Module:
+    return StandardSAE(StandardSAEConfig(d_in=D_IN, d_sae=D_SAE))
+
+
+def lens_standard_no_b_dec_input() -> torch.nn.Module:
+    return StandardSAE(StandardSAEConfig(d_in=D_IN, d_sae=D_SAE, apply_b_dec_to_input=False))
+
+
+def lens_topk() -> torch.nn.Module:
+    return LensTopK(TopKSAEConfig(d_in=D_IN, d_sae=D_SAE, k=K))
+
+
+def lens_topk_rescaled() -> torch.nn.Module:
+    return LensTopK(TopKSAEConfig(d_in=D_IN, d_sae=D_SAE, k=K, rescale_acts_by_decoder_norm=True))
+
+
+def lens_jumprelu() -> torch.nn.Module:
+    return LensJumpReLU(JumpReLUSAEConfig(d_in=D_IN, d_sae=D_SAE))
+
+
+@pytest.mark.parametrize(
+    ("make", "expected"),
+    [(lens_standard, ReLUSAE), (lens_standard_no_b_dec_input, ReLUSAE), (lens_topk, TopKSAE),
+     (lens_topk_rescaled, TopKSAE), (lens_jumprelu, JumpReLUSAE)],
+)
+def test_sae_saved_by_saelens_loads_with_same_encode_and_decode(make: Callable, expected: type, tmp_path: Path):
+    lens = make()
+    randomise(lens, seed=0)
+    lens.save_model(tmp_path)
+    ours = load_saelens(tmp_path, ARCHITECTURES)
+    assert type(ours) is expected
+    assert_same_sae(ours, LensSAE.load_from_disk(tmp_path), inputs())
+
+
+def trained_lens_batchtopk() -> BatchTopKTrainingSAE:
+    lens = BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, k=K))
+    randomise(lens, seed=0)
+    with torch.no_grad():
+        lens.W_dec.mul_(torch.rand(D_SAE, 1, generator=torch.Generator().manual_seed(5)) + 0.5)  # norms != 1
+    lens.topk_threshold = torch.tensor(0.25, dtype=torch.double)
+    return lens
+
+
+def test_batchtopk_saved_by_saelens_for_inference_loads_as_batchtopk(tmp_path: Path):
+    lens = trained_lens_batchtopk()
+    lens.save_inference_model(tmp_path)  # what SAELens's training runner writes at the end: a jumprelu
+    assert json.loads((tmp_path / "cfg.json").read_text())["architecture"] == "jumprelu"
+    ours = load_saelens(tmp_path, ARCHITECTURES)
+    assert isinstance(ours, BatchTopKSAE)
+    assert ours.params.k == K
+    assert float(ours.threshold) == pytest.approx(0.25)
+    assert_same_sae(ours, LensSAE.load_from_disk(tmp_path), inputs())
+
+
+def test_batchtopk_training_checkpoint_of_saelens_loads_like_its_inference_save(tmp_path: Path):
+    lens = trained_lens_batchtopk()
+    lens.save_model(tmp_path / "checkpoint")  # a training checkpoint: architecture batchtopk, topk_threshold
+    lens.save_inference_model(tmp_path / "inference")
+    ours = load_saelens(tmp_path / "checkpoint", ARCHITECTURES)
+    assert isinstance(ours, BatchTopKSAE)
+    assert_same_sae(ours, LensSAE.load_from_disk(tmp_path / "inference"), inputs())
+
+
+def test_topk_training_checkpoint_with_decoder_norm_rescaling_matches_saelens(tmp_path: Path):
+    lens = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, k=K))
+    randomise(lens, seed=2)
+    lens.save_model(tmp_path)
+    ours = load_saelens(tmp_path, ARCHITECTURES)
+    with torch.no_grad():
+        x = inputs()
+        torch.testing.assert_close(ours.encode(x), lens.encode(x), **TOL)
+        torch.testing.assert_close(ours(x)[0], lens(x), **TOL)
+
+
+# --- ours -> SAELens --------------------------------------------------------------------------------------
+
+def ours_randomised(name: str) -> SAE:
+    arch = ARCHITECTURES[name]
+    params = {"d_sae": D_SAE} | ({"k": K} if name in ("topk", "batchtopk") else {})
+    sae = arch.build(D_IN, arch.Params(**params), seed=0)
+    randomise(sae, seed=3)
+    with torch.no_grad():
+        sae.norm_scale.fill_(0.37)  # input normalisation must be folded into what SAELens reads
+        if name == "batchtopk":
+            sae.threshold.fill_(0.2)
+    return sae.eval()
+
+
+@pytest.mark.parametrize("name", ["relu", "topk", "jumprelu", "batchtopk"])
+def test_our_sae_saved_for_saelens_loads_there_with_same_encode_and_decode(name: str, tmp_path: Path):
+    ours = ours_randomised(name)
+    save_saelens(ours, tmp_path, metadata={"hook_name": "layers.3.resid_post"})
+    lens = LensSAE.load_from_disk(tmp_path)
+    assert lens.cfg.metadata.hook_name == "layers.3.resid_post"
+    x = inputs() * 5
+    with torch.no_grad():
+        f_ours, f_lens = ours.encode(x), lens.encode(x)
+        assert torch.equal(f_ours != 0, f_lens != 0)
+        torch.testing.assert_close(f_lens, f_ours, **TOL)
+        torch.testing.assert_close(lens.decode(f_ours), ours.decode(f_ours), **TOL)
+
+
+@pytest.mark.parametrize("name", ["relu", "topk", "jumprelu", "batchtopk"])
+def test_saelens_round_trip_restores_architecture_and_params(name: str, tmp_path: Path):
+    ours = ours_randomised(name)
+    save_saelens(ours, tmp_path)
+    back = load_pretrained(tmp_path, ARCHITECTURES)
+    assert type(back) is type(ours)
+    assert back.params == ours.params
+    assert float(back.norm_scale) == 1.0  # folded
+    x = inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(back(x)[0], ours(x)[0], **TOL)
+
+
+def test_load_pretrained_reads_saex_format_too(tmp_path: Path):
+    ours = ours_randomised("topk")
+    save_sae(ours, tmp_path)
+    back = load_pretrained(tmp_path, ARCHITECTURES)
+    assert torch.equal(back.W_enc, ours.W_enc) and torch.equal(back.norm_scale, ours.norm_scale)
+
+
+# --- errors -----------------------------------------------------------------------------------------------
+
+def test_per_token_normalisation_is_refused_with_the_file_named(tmp_path: Path):
+    lens = lens_standard()
+    lens.save_model(tmp_path)
+    cfg = json.loads((tmp_path / "cfg.json").read_text())
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg | {"normalize_activations": "layer_norm"}))
+    with pytest.raises(SAEFormatError, match=r"cfg\.json: normalize_activations='layer_norm' is not supported"):
+        load_saelens(tmp_path, ARCHITECTURES)
+
+
+def test_unknown_saelens_architecture_lists_supported(tmp_path: Path):
+    lens_standard().save_model(tmp_path)
+    cfg = json.loads((tmp_path / "cfg.json").read_text())
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg | {"architecture": "gated"}))
+    with pytest.raises(SAEFormatError, match="'gated' has no saex equivalent; supported: standard"):
+        load_saelens(tmp_path, ARCHITECTURES)
+
+
+def test_missing_directory_names_the_file(tmp_path: Path):
+    with pytest.raises(SAEFormatError, match=r"cfg\.json: missing"):
+        load_pretrained(tmp_path / "nowhere", ARCHITECTURES)
