@@ -202,6 +202,8 @@ def _check_matrices(reg: Registry, plugins: Plugins) -> None:
                     raise RegistryError(file, f"matrices.{name}.{field}[{i}]", f"not defined in {section}", ref, known)
         for i, text in enumerate(matrix.sources):
             source = parse_source(text)
+            if source.kind == "loaded" and not (Path(source.path).expanduser() / "cfg.json").is_file():
+                raise RegistryError(file, f"matrices.{name}.sources[{i}]", "no saved SAE (cfg.json) at that path", source.path)
             if source.kind == "pruned" and source.strategy not in plugins.names("pruner"):
                 raise RegistryError(file, f"matrices.{name}.sources[{i}]", "no SAE pruning strategy of that name",
                                     source.strategy, plugins.names("pruner"))

@@ -32,6 +32,7 @@ from harness.protocols import CompressionContext, LoadedModel, Metric, MetricCon
 from harness.registry import MatrixEntry, Registry
 from harness.sources import Source, parse_source
 from harness.sae import SAE, load_sae, save_sae
+from harness.saelens import load_pretrained
 from harness.sae_sparsity import sae_sparsity
 from harness.store import CellResult, ResultsStore
 from harness.training import train_sae
@@ -216,7 +217,7 @@ class Runner:
              hook: HookPoint) -> SAEArtifact:
         if source.kind == "loaded":
             start = time.perf_counter()
-            sae = load_sae(Path(source.path).expanduser(), self._architectures()).to(ctx.device).eval()
+            sae = load_pretrained(Path(source.path).expanduser(), self._architectures()).to(ctx.device).eval()
             return SAEArtifact(sae, {"sae_seconds": time.perf_counter() - start, "sae_tokens": 0}, "")
         if source.kind == "pruned":
             return self._pruned_sae(ctx, source, base, target, sae_name, hook)
@@ -231,7 +232,8 @@ class Runner:
         if self.cache.get("saes", key) is None:
             def write(tmp: Path) -> dict:
                 sae = arch.build(acts.d_in, self.registry.params("saes", sae_name, self.plugins), seed=ctx.matrix.seed)
-                result = train_sae(sae, acts, entry.training, device=ctx.device, progress=self.progress)
+                result = train_sae(sae, acts, entry.training, device=ctx.device, progress=self.progress,
+                                   checkpoint_dir=self.cache.root / "checkpoints" / key)
                 save_sae(sae, tmp)
                 return {"seconds": result.seconds, "tokens": result.tokens, "steps": result.steps, **{
                     f"train_{k}": v for k, v in result.final.items()}}
@@ -269,7 +271,7 @@ class Runner:
                      hook: HookPoint) -> dict[str, float]:
         reference_acts = self._acts(ctx, base, "eval", hook) if target is not base else None
         reference_sae = None
-        if parse_source(cell.source).kind != "original":
+        if parse_source(cell.source).kind in ("retrained", "pruned"):
             reference_sae = self._trained_sae(ctx, base, cell.sae, hook).sae
         mctx = MetricContext(sae, self._acts(ctx, target, "eval", hook), ctx.device,
                              reference_activations=reference_acts, reference_sae=reference_sae)

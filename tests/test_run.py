@@ -240,3 +240,30 @@ def test_pruned_sources_are_calibrated_on_the_compressed_model(tmp_path, registr
     assert latents.metrics["dec_match_mean_max_cos"] == pytest.approx(1)
     # every SAE on M_c is scored against the same clean run
     assert len({r.metrics["ce_clean"] for r in results.values() if r.cell["compression"] == "mag"}) == 1
+
+
+def test_loaded_sae_in_saelens_format_is_scored_on_m_and_m_c(tmp_path, registry_file):
+    from harness.saelens import save_saelens
+    from plugins.sae.topk import TopK
+
+    saved = tmp_path / "external-sae"
+    save_saelens(TopK().build(64, TopK.Params(d_sae=96, k=6, normalize_input=False), seed=3), saved)
+    data = yaml.safe_load(registry_file.read_text())
+    data["matrices"]["t"].update(compressions=["mag"], hooks=["layers.1.resid_post"], sources=[f"loaded:{saved}"])
+    registry_file.write_text(yaml.safe_dump(data))
+    results = by_label(make_runner(tmp_path, registry_file).run("t"))
+    hook, source = "layers.1.resid_post", f"loaded:{saved}"
+    on_m, on_mc = results[(hook, source, None)], results[(hook, source, "mag")]
+    assert on_m.status == on_mc.status == "done"
+    assert on_m.metrics["l0"] == 6 and on_mc.metrics["l0"] == 6  # an untrained TopK fires exactly k latents
+    assert "freq_shift_mean_abs" in on_mc.metrics and "freq_shift_mean_abs" not in on_m.metrics
+
+
+def test_loaded_source_must_exist(tmp_path, registry_file):
+    from harness.registry import RegistryError
+
+    data = yaml.safe_load(registry_file.read_text())
+    data["matrices"]["t"]["sources"] = ["original", f"loaded:{tmp_path / 'nowhere'}"]
+    registry_file.write_text(yaml.safe_dump(data))
+    with pytest.raises(RegistryError, match=r"matrices.t.sources\[1\]: no saved SAE"):
+        load_registry([registry_file], load_plugins(entry_points=False))
