@@ -22,9 +22,13 @@ DOC_MODULES = (
 )
 
 
-@pytest.fixture
-def single_thread() -> Iterator[None]:
-    """Tiny matmuls gain nothing from threads, and on a busy CPU torch's spinning threads make them much slower."""
+@pytest.fixture(autouse=True)
+def single_thread(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Every test but the integration ones runs torch on one thread: tiny matmuls gain nothing from threads,
+    and on a busy CPU torch's spinning threads make them many times slower."""
+    if request.node.get_closest_marker("integration"):
+        yield
+        return
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -4,7 +4,6 @@ keeps the kept latents' outputs and round-trips through the file format, inputs 
 from __future__ import annotations
 
 import math
-from typing import Iterator
 
 import numpy as np
 import pytest
@@ -21,12 +20,6 @@ D_IN, D_SAE, K = 16, 64, 4
 PRUNERS = (MagnitudePruner(), WandaPruner(), LatentsPruner())
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def topk_sae(seed: int = 0) -> TopKSAE:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from typing import Iterator
 
 import pluggy
 import pytest
@@ -20,14 +19,6 @@ D_IN, N_FEATURES, ACTIVE = 32, 64, 3
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread() -> Iterator[None]:
-    """Tiny matmuls gain nothing from threads, and with a busy CPU torch's spinning threads make them ~20x
-    slower; one thread keeps these tests fast whatever else runs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def planted(n: int = 8192, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

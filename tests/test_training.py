@@ -14,14 +14,6 @@ from plugins.sae.topk import TopK, TopKSAE
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread() -> Iterator[None]:
-    """Tiny matmuls gain nothing from threads, and with a busy CPU torch's spinning threads make them ~20x
-    slower; one thread keeps these tests fast whatever else runs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def build(**params: object) -> TopKSAE:
