@@ -9,7 +9,6 @@ splicing) never see the scale. Latents ``f`` live in the scaled space.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Iterator, Literal, Mapping
 
@@ -39,15 +38,40 @@ class SAEParams(BaseModel):
         return self.d_sae or self.expansion_factor * d_in
 
 
-@dataclass
 class TrainStep:
     """One training step's output: ``loss`` to backpropagate, ``x_hat`` in model units, latents ``f``
-    [n, d_sae], and ``parts`` (named loss components as floats, for logging)."""
+    [n, d_sae], and ``parts`` (named loss components as floats, for logging).
 
-    loss: torch.Tensor
-    x_hat: torch.Tensor
-    f: torch.Tensor
-    parts: dict[str, float]
+    ``f`` may be given as a sparse CSR tensor (sparse architectures: densifying [n, d_sae] costs as much as
+    the rest of their step); the ``f`` attribute then densifies on first access, while the trainer reads
+    only ``activity()``, which works on either layout without densifying."""
+
+    def __init__(self, loss: torch.Tensor, x_hat: torch.Tensor, f: torch.Tensor, parts: dict[str, float]):
+        self.loss, self.x_hat, self.parts = loss, x_hat, parts
+        self._f = f
+
+    @property
+    def f(self) -> torch.Tensor:
+        if self._f.layout != torch.strided:
+            self._f = self._f.to_dense()
+        return self._f
+
+    def activity(self) -> tuple[float, torch.Tensor]:
+        """(mean number of non-zero latents per token, bool [d_sae] latents non-zero on some token), from
+        either layout without densifying."""
+        f = self._f
+        if f.layout == torch.sparse_csr:
+            values = f.values()
+            l0 = (values != 0).sum().item() / max(f.shape[0], 1)
+            return l0, latents_fired(f.col_indices(), values, f.shape[1])
+        active = f != 0
+        return active.sum().item() / max(f.shape[0], 1), active.any(0)
+
+
+def latents_fired(cols: torch.Tensor, values: torch.Tensor, d_sae: int) -> torch.Tensor:
+    """Bool [d_sae]: latents with a non-zero value among sparse entries (``cols``, ``values``)."""
+    fired = torch.zeros(d_sae, dtype=torch.bool, device=cols.device)
+    return fired.index_fill_(0, cols[values != 0], True)
 
 
 class SAE(torch.nn.Module):
@@ -84,6 +108,15 @@ class SAE(torch.nn.Module):
         """Loss on a batch ``x`` in model units. Called exactly once per optimizer step: it may update
         training state (e.g. dead-latent counters)."""
         raise NotImplementedError
+
+    def training_preactivations(self, x: torch.Tensor) -> torch.Tensor:
+        """``(x - b_dec) W_enc + b_enc`` on scaled ``x``, for ``training_loss``: the same values, but b_dec
+        enters the input detached and gets its gradient through a zero-valued bias term
+        ``(b_dec.detach() - b_dec) W_enc``, so the backward computes no [n, d_in] gradient of the input (a
+        sixth full-size matmul for a dense SAE, ~20% of its step). Centring before the (possibly bf16) matmul
+        keeps the rounding of the uncentred input out of the pre-activations."""
+        b_dec = self.b_dec.detach()
+        return torch.addmm(self.b_enc + (b_dec - self.b_dec) @ self.W_enc, x - b_dec, self.W_enc)
 
     # --- public API (model units) ------------------------------------------------------------------------
 
@@ -189,6 +222,112 @@ def sample_batches(
         count += batch.shape[0]
         if count >= max_tokens:
             return
+
+
+# --- sparse latent paths (TopK-style training) ------------------------------------------------------------
+
+
+class SparsePattern:
+    """Which latents are active per token: ``cols`` [nnz] latent indices grouped by token (token i owns
+    ``cols[offsets[i]:offsets[i + 1]]``, ascending within a token), over a [n_tokens, d_sae] grid. The
+    latent-major order the backward needs is built lazily, once."""
+
+    def __init__(self, offsets: torch.Tensor, cols: torch.Tensor, n_tokens: int, d_sae: int):
+        self.offsets, self.cols, self.n_tokens, self.d_sae = offsets, cols, n_tokens, d_sae
+        self._by_latent: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    @classmethod
+    def per_token(cls, indices: torch.Tensor, d_sae: int) -> tuple["SparsePattern", torch.Tensor]:
+        """From [n, k] indices (TopK): the pattern and the permutation that sorts each row (apply it to the
+        values with ``gather``)."""
+        n, k = indices.shape
+        sorted_indices, order = indices.sort(-1)
+        offsets = torch.arange(0, n * k + 1, k, device=indices.device)
+        return cls(offsets, sorted_indices.flatten(), n, d_sae), order
+
+    @classmethod
+    def from_flat(cls, flat: torch.Tensor, n_tokens: int, d_sae: int) -> tuple["SparsePattern", torch.Tensor]:
+        """From indices into the flattened [n, d_sae] grid (BatchTopK): the pattern and ``flat`` sorted into
+        its (token-major) order."""
+        flat_sorted = flat.sort().values
+        rows = torch.div(flat_sorted, d_sae, rounding_mode="floor")
+        offsets = torch.zeros(n_tokens + 1, dtype=torch.long, device=flat.device)
+        offsets[1:] = torch.bincount(rows, minlength=n_tokens).cumsum(0)
+        return cls(offsets, flat_sorted - rows * d_sae, n_tokens, d_sae), flat_sorted
+
+    def rows(self) -> torch.Tensor:
+        counts = self.offsets.diff()
+        return torch.repeat_interleave(torch.arange(self.n_tokens, device=counts.device), counts)
+
+    def csr(self, values: torch.Tensor) -> torch.Tensor:
+        """[n_tokens, d_sae] sparse CSR tensor with ``values`` at the pattern."""
+        return torch.sparse_csr_tensor(self.offsets, self.cols, values, (self.n_tokens, self.d_sae),
+                                       check_invariants=False)
+
+    def by_latent(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(order, latent offsets [d_sae + 1], token of each entry in that order): the transposed pattern."""
+        if self._by_latent is None:
+            order = torch.argsort(self.cols, stable=True)
+            offsets = torch.zeros(self.d_sae + 1, dtype=torch.long, device=self.cols.device)
+            offsets[1:] = torch.bincount(self.cols, minlength=self.d_sae).cumsum(0)
+            self._by_latent = (order, offsets, self.rows()[order])
+        return self._by_latent
+
+    def transposed_mm(self, values: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+        """``csr(values).T @ dense`` ([d_sae, m]): per latent, the sum of ``value * dense[token]`` over its
+        entries; O(nnz * m) instead of a dense [d_sae, n] @ [n, m] matmul."""
+        order, offsets, rows = self.by_latent()
+        transposed = torch.sparse_csr_tensor(offsets, rows, values[order], (self.d_sae, self.n_tokens),
+                                             check_invariants=False)
+        return transposed @ dense
+
+
+class SparseLatentDecode(torch.autograd.Function):
+    """``out[i] = sum_e relu(pre_e) * W_dec[col_e]`` over token i's entries of a ``SparsePattern``, where
+    ``pre_e = (x_i - b_dec) . W_enc[:, col_e] + b_enc[col_e]`` are pre-activations the caller computed densely
+    without gradients (``pre_values``). Returns ``(out [n, d_in], acts [nnz])``, acts not differentiable.
+
+    The backward touches only the nnz selected latents, never a dense [n, d_sae] gradient:
+    ``grad_acts_e = W_dec[col_e] . grad_out[i]`` (sampled dense-dense matmul), ``grad_pre = grad_acts *
+    [pre > 0]``, ``grad_W_dec = csr(acts)^T grad_out``, ``grad_W_enc = ((x - b_dec)^T csr(grad_pre))``,
+    ``grad_b_enc`` a scatter-add, ``grad_b_dec = -W_enc grad_b_enc``. Equal to autograd through
+    ``scatter(relu(pre)) @ W_dec`` (tests/test_sae_speed_paths.py). Runs in float32 whatever autocast says:
+    the sparse parts are cheap and bf16 sparse kernels are not available everywhere."""
+
+    @staticmethod
+    def forward(ctx, pre_values: torch.Tensor, x: torch.Tensor, b_dec: torch.Tensor, W_enc: torch.Tensor,
+                b_enc: torch.Tensor, W_dec: torch.Tensor, pattern: SparsePattern
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.autocast(x.device.type, enabled=False):
+            acts = pre_values.to(W_dec.dtype).relu()
+            out = torch.nn.functional.embedding_bag(pattern.cols, W_dec, pattern.offsets[:-1],
+                                                     per_sample_weights=acts, mode="sum")
+        ctx.save_for_backward(acts, x, b_dec, W_enc, W_dec)
+        ctx.pattern = pattern
+        ctx.mark_non_differentiable(acts)
+        return out, acts
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor, _grad_acts: torch.Tensor | None):  # type: ignore[override]
+        acts, x, b_dec, W_enc, W_dec = ctx.saved_tensors
+        pattern: SparsePattern = ctx.pattern
+        grad_out = grad_out.to(W_dec.dtype).contiguous()
+        need_enc = any(ctx.needs_input_grad[2:5])
+        grad_b_dec = grad_W_enc = grad_b_enc = grad_W_dec = None
+        if ctx.needs_input_grad[5]:
+            grad_W_dec = pattern.transposed_mm(acts, grad_out)
+        if need_enc:
+            sampled = torch.sparse.sampled_addmm(pattern.csr(torch.zeros_like(acts)), grad_out, W_dec.T, beta=0.0)
+            grad_pre = sampled.values() * (acts > 0).to(acts.dtype)
+            if ctx.needs_input_grad[3]:
+                grad_W_enc = pattern.transposed_mm(grad_pre, (x.to(W_enc.dtype) - b_dec)).T
+            grad_b_enc = torch.zeros(pattern.d_sae, dtype=grad_pre.dtype, device=grad_pre.device)
+            grad_b_enc.index_add_(0, pattern.cols, grad_pre)
+            if ctx.needs_input_grad[2]:
+                grad_b_dec = -(W_enc @ grad_b_enc)
+            if not ctx.needs_input_grad[4]:
+                grad_b_enc = None
+        return None, None, grad_b_dec, grad_W_enc, grad_b_enc, grad_W_dec, None
 
 
 # --- on-disk format ----------------------------------------------------------------------------------------

@@ -218,12 +218,12 @@ class _Tracker:
 
     @torch.no_grad()
     def add(self, x: torch.Tensor, step: TrainStep) -> None:
-        active = step.f != 0
-        self.last_fired.masked_fill_(active.any(0), self.step)
+        l0, fired = step.activity()
+        self.last_fired.masked_fill_(fired, self.step)
         self.history.append(
             {
                 "loss": step.loss.item(),
-                "l0": active.sum(-1).double().mean().item(),
+                "l0": l0,
                 "residual": (x - step.x_hat).double().pow(2).sum().item(),
                 "variance": (x - x.mean(0)).double().pow(2).sum().item(),
             }

@@ -13,7 +13,7 @@ import torch
 from pydantic import Field
 
 from harness.protocols import ActivationSource
-from harness.sae import TrainStep, sample_batches
+from harness.sae import SparsePattern, TrainStep, sample_batches
 from harness.spec import hookimpl
 from plugins.sae.topk import TopKParams, TopKSAE
 
@@ -47,18 +47,20 @@ class BatchTopKSAE(TopKSAE):
         return self.decode_scaled(f), f
 
     def batch_topk(self, pre: torch.Tensor) -> torch.Tensor:
-        acts = pre.relu()
-        flat = acts.flatten()
-        top = flat.topk(min(int(self.k * pre.shape[0]), flat.numel()), sorted=False)
-        return torch.zeros_like(flat).scatter_(0, top.indices, top.values).view_as(acts)
+        """Dense f: ReLU(pre) restricted to the batch's k * n largest values."""
+        flat = batch_topk_indices(pre, self.k)
+        acts = pre.relu().flatten()
+        return torch.zeros_like(acts).index_copy_(0, flat, acts[flat]).view_as(pre)
 
     def training_loss(self, x: torch.Tensor) -> TrainStep:
         x = x * self.norm_scale
-        pre = self._pre(x)
-        f = self.batch_topk(pre)
-        x_hat = self.decode_scaled(f)
-        self._update_threshold(f.detach())
-        step = self._loss_with_auxk(x, x_hat, pre, f.detach())
+        with torch.no_grad():
+            pre = torch.addmm(self.b_enc, x - self.b_dec, self.W_enc)  # the bias add fused into the matmul
+            pattern, flat = SparsePattern.from_flat(batch_topk_indices(pre, self.k), *pre.shape)
+            values = pre.flatten()[flat]
+        step = self._sparse_step(x, pre, pattern, values)
+        f = step._f
+        self._update_threshold(f.values() if f.layout == torch.sparse_csr else f.detach())
         step.parts["threshold"] = float(self.threshold)
         return step
 
@@ -87,6 +89,27 @@ class BatchTopKSAE(TopKSAE):
                 minima.append(positive.min().double())
         if minima:
             self.threshold.copy_(torch.stack(minima).mean().to(self.threshold.dtype))
+
+
+def batch_topk_indices(pre: torch.Tensor, k: float) -> torch.Tensor:
+    """Indices into ``pre.flatten()`` of the k * n largest values of ReLU(pre) (ties broken arbitrarily).
+
+    A top-k over the whole flattened batch is ~5x slower than a per-row one on CPU, so first a threshold is
+    estimated from every 16th value, and the exact top-k runs only over the values above it; when that
+    candidate set is too small (or the threshold is not positive) it falls back to the full top-k. The result
+    is exact either way."""
+    flat = pre.flatten()
+    m = min(int(k * pre.shape[0]), flat.numel())
+    stride = 16
+    sample = flat[::stride]
+    wanted = m // stride + m // (4 * stride) + 64  # the sample's share of m, plus 25% and a margin
+    if m > 0 and wanted < sample.numel():
+        threshold = sample.topk(wanted, sorted=False).values.min()
+        if threshold > 0:
+            candidates = (flat >= threshold).nonzero().squeeze(-1)
+            if candidates.numel() >= m:
+                return candidates[flat[candidates].topk(m, sorted=False).indices]
+    return flat.relu().topk(m, sorted=False).indices
 
 
 class BatchTopK:

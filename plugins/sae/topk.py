@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from harness.sae import SAE, SAEParams, TrainStep
+from harness.sae import SAE, SAEParams, SparseLatentDecode, SparsePattern, TrainStep, latents_fired
 from harness.spec import hookimpl
 
 
@@ -64,33 +64,51 @@ class TopKSAE(SAE):
         return self._decode_sparse(values, indices) + self.b_dec, self._densify(values, indices)
 
     def training_loss(self, x: torch.Tensor) -> TrainStep:
+        """Only the encoder forward is dense: the top-k selection runs on pre-activations computed without
+        gradients, and ``SparseLatentDecode`` decodes and backpropagates through the k selected latents."""
         x = x * self.norm_scale
-        pre = self._pre(x)
-        values, indices = self._topk(pre)
-        x_hat = self._decode_sparse(values, indices) + self.b_dec
-        f = self._densify(values, indices).detach()
-        return self._loss_with_auxk(x, x_hat, pre, f)
+        with torch.no_grad():
+            pre = torch.addmm(self.b_enc, x - self.b_dec, self.W_enc)  # the bias add fused into the matmul
+            values, indices = pre.topk(self.k, dim=-1, sorted=False)
+            pattern, order = SparsePattern.per_token(indices, self.d_sae)
+            values = values.gather(-1, order).flatten()
+        return self._sparse_step(x, pre, pattern, values)
 
-    def _loss_with_auxk(self, x: torch.Tensor, x_hat: torch.Tensor, pre: torch.Tensor, f: torch.Tensor) -> TrainStep:
+    def _sparse_step(self, x: torch.Tensor, pre: torch.Tensor, pattern: SparsePattern,
+                     values: torch.Tensor) -> TrainStep:
+        """Decode the selected pre-activations ``values`` at ``pattern`` and add the AuxK loss; ``x`` scaled,
+        ``pre`` the batch's pre-activations (no gradient)."""
+        out, acts = SparseLatentDecode.apply(values, x, self.b_dec, self.W_enc, self.b_enc, self.W_dec, pattern)
+        x_hat = out + self.b_dec
+        return self._loss_with_auxk(x, x_hat, pre, pattern.csr(acts), latents_fired(pattern.cols, acts, self.d_sae))
+
+    def _loss_with_auxk(self, x: torch.Tensor, x_hat: torch.Tensor, pre: torch.Tensor, f: torch.Tensor,
+                        fired: torch.Tensor) -> TrainStep:
         """MSE (summed over dimensions, mean over tokens) + aux_coefficient * AuxK; updates the dead counters.
-        ``x`` and ``x_hat`` are scaled; ``f`` is detached."""
+        ``x`` and ``x_hat`` are scaled; ``f`` (dense or sparse CSR) carries no gradient; ``fired`` bool [d_sae]."""
         mse = (x_hat - x).pow(2).sum(-1).mean()
         dead = self.dead_latents(self.params.dead_steps_threshold)
-        auxk = self._auxk_loss(pre, dead, (x - x_hat).detach())
-        self.mark_fired((f > 0).any(0))
+        auxk = self._auxk_loss(x, pre, dead, (x - x_hat).detach())
+        self.mark_fired(fired)
         loss = mse + self.params.aux_coefficient * auxk
         parts = {"mse": mse.item(), "auxk": auxk.item()}
         return TrainStep(loss, x_hat.detach() / self.norm_scale, f, parts)
 
-    def _auxk_loss(self, pre: torch.Tensor, dead: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    def _auxk_loss(self, x: torch.Tensor, pre: torch.Tensor, dead: torch.Tensor,
+                   residual: torch.Tensor) -> torch.Tensor:
         """Reconstruct the main loss's residual from the top-aux_k dead latents; scaled down while few
-        latents are dead (as in EleutherAI's sae and SAELens)."""
+        latents are dead (as in EleutherAI's sae and SAELens). Sparse like the main path: the top-k runs over
+        the dead columns of ``pre`` only, and gradients reach only the selected latents."""
         n_dead = int(dead.sum())
         if n_dead == 0:
-            return pre.new_zeros((), dtype=torch.float32)
+            return x.new_zeros((), dtype=torch.float32)
         aux_k = min(self.aux_k, n_dead)
-        top = pre.masked_fill(~dead, float("-inf")).topk(aux_k, dim=-1, sorted=False)
-        e_hat = self._decode_sparse(top.values.relu(), top.indices)
+        with torch.no_grad():
+            dead_index = dead.nonzero().squeeze(-1)
+            top = pre.index_select(-1, dead_index).topk(aux_k, dim=-1, sorted=False)
+            pattern, order = SparsePattern.per_token(dead_index[top.indices], self.d_sae)
+            values = top.values.gather(-1, order).flatten()
+        e_hat, _ = SparseLatentDecode.apply(values, x, self.b_dec, self.W_enc, self.b_enc, self.W_dec, pattern)
         return min(n_dead / self.aux_k, 1.0) * (e_hat - residual).pow(2).sum(-1).mean()
 
 
