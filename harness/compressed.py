@@ -1,9 +1,9 @@
 """Compressed models: compress a copy of M, verify it layer by layer, and cache the result by content key.
 
-The cache holds the verification report and, when the compressed model is still made of the base model's
-module types (pruning, fake-quantization written back into weights), its state dict; loading it back is a
-copy of M plus ``load_state_dict``. Models whose modules were replaced (e.g. HQQLinear) are recompressed
-when needed; their report is still cached.
+The cache holds the verification report and, when the compressed model is a copy of M with other weights
+(pruning, quantized values written back into the weights), its state dict; loading it back is a copy of M
+plus ``load_state_dict``. Models whose modules were replaced or given their own forward (HQQLinear, W8A8's
+input quantization) are recompressed when needed; their report is still cached.
 """
 
 from __future__ import annotations
@@ -32,8 +32,22 @@ class Compressed:
     details: dict = field(default_factory=dict)  # compression name, seconds, per-layer report, from_cache
 
 
-def _same_module_types(a: nn.Module, b: nn.Module) -> bool:
-    return [(n, type(m)) for n, m in a.named_modules()] == [(n, type(m)) for n, m in b.named_modules()]
+def _has_own_forward(module: nn.Module) -> bool:
+    """An instance-level forward other than the class's own (a bound copy of it, as llm-compressor's tracing
+    leaves on every module, is fine)."""
+    forward = vars(module).get("forward")
+    if forward is None:
+        return False
+    own = getattr(forward, "__func__", None)
+    return getattr(own, "__qualname__", None) != type(module).forward.__qualname__
+
+
+def _reloadable(base: nn.Module, compressed: nn.Module) -> bool:
+    """True when a copy of ``base`` plus ``compressed``'s state dict is the compressed model: the same module
+    types, the same state-dict keys, and no module with a forward of its own (e.g. W8A8's input quantization)."""
+    same_types = [(n, type(m)) for n, m in base.named_modules()] == [(n, type(m)) for n, m in compressed.named_modules()]
+    own_forward = any(_has_own_forward(m) for m in compressed.modules())
+    return same_types and not own_forward and base.state_dict().keys() == compressed.state_dict().keys()
 
 
 def compress_verified(
@@ -64,7 +78,7 @@ def compress_verified(
         exc.details = {**details, "layers": [r.model_dump() for r in exc.report]}  # type: ignore[attr-defined]
         raise
     details["layers"] = [r.model_dump() for r in report]
-    keep_weights = _same_module_types(base, model)
+    keep_weights = _reloadable(base, model)
 
     def write(tmp: Path) -> dict:
         if keep_weights:

@@ -7,6 +7,11 @@ the paper's reference code never wrote its pruned MLP weights back -- then stops
 
 ``Targets`` is the shared selection of Linear layers; compression plugins embed it as a params field so that
 every method selects layers the same way.
+
+Weights are read densely (``dense_weight``): a module that replaced ``nn.Linear`` (hqq's ``HQQLinear``) is
+dequantized. Quantization groups (``quant_groups``) follow the usual layout: ``group_axis=1`` cuts each
+output row into runs of ``group_size`` consecutive input weights (llm-compressor, hqq ``axis=1``);
+``group_axis=0`` is hqq's ``axis=0`` layout, the columns of ``weight.reshape(group_size, -1)``.
 """
 
 from __future__ import annotations
@@ -70,6 +75,9 @@ class LayerReport(BaseModel):
     n_params: int
     sparsity: float  # fraction of exact zeros in the weight
     rel_error: float | None = None  # ||W - W0|| / ||W0|| (Frobenius) when the original weight was given
+    module_type: str | None = None  # class of the module holding the weight (Linear, HQQLinear, ...)
+    n_m_ok: bool | None = None  # every group of m input weights has <= n non-zeros (when N:M was promised)
+    max_distinct_per_group: int | None = None  # most distinct values in one quantization group (when promised)
 
 
 class CompressionMismatch(RuntimeError):
@@ -104,6 +112,26 @@ def linear_layers(model: nn.Module, targets: Targets | None = None) -> dict[str,
     return selected
 
 
+class GroupSizeError(ValueError):
+    """A quantization group size does not divide a targeted layer's width; names the first such layer."""
+
+
+def check_group_size(layers: Mapping[str, nn.Module], group_size: int | None, axis: int = 1) -> None:
+    """Raise ``GroupSizeError`` naming the layer when ``group_size`` does not divide its input width
+    (``axis=1``) or output width (``axis=0``); ``None`` (one group per channel) always fits."""
+    if group_size is None:
+        return
+    for name, layer in layers.items():
+        out_features, in_features = dense_weight(layer, name).shape
+        width, which = (in_features, "input") if axis == 1 else (out_features, "output")
+        if width % group_size:
+            divisors = [d for d in range(8, width + 1, 8) if width % d == 0]
+            raise GroupSizeError(
+                f"group_size {group_size} does not divide the {which} width {width} of layer {name} "
+                f"(shape {out_features}x{in_features}); group sizes that fit (multiples of 8): {divisors}"
+            )
+
+
 def clone_weights(
     model: nn.Module, names: Iterable[str], device: torch.device | str = "cpu"
 ) -> dict[str, torch.Tensor]:
@@ -111,14 +139,37 @@ def clone_weights(
     return {name: _weight(model, name).detach().to(device, copy=True) for name in names}
 
 
+def dense_weight(module: nn.Module, name: str = "module") -> torch.Tensor:
+    """The module's weight as a dense [out, in] tensor: ``dequantize()`` when the module has one (hqq's
+    ``HQQLinear``, whose ``weight`` is an empty placeholder), else its ``weight`` tensor (``nn.Linear``)."""
+    dequantize = getattr(module, "dequantize", None)
+    if callable(dequantize):
+        with torch.no_grad():
+            return dequantize().detach()
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, torch.Tensor):
+        return weight.detach()
+    raise TypeError(
+        f"{name} is a {type(module).__name__} without a dense `weight` tensor or a `dequantize()` method; "
+        "verification reads dense weights (a compression that replaces modules must expose one of them)"
+    )
+
+
 def layer_report(
-    model: nn.Module, names: Iterable[str], originals: Mapping[str, torch.Tensor] | None = None
+    model: nn.Module,
+    names: Iterable[str],
+    originals: Mapping[str, torch.Tensor] | None = None,
+    expectation: CompressionExpectation | None = None,
 ) -> list[LayerReport]:
-    """Measure each named module's weight; ``rel_error`` is filled for names present in ``originals``."""
+    """Measure each named module's weight; ``rel_error`` is filled for names present in ``originals``,
+    ``n_m_ok`` and ``max_distinct_per_group`` when ``expectation`` promises an N:M pattern or a bit width."""
     reports = []
     for name in names:
-        weight = _weight(model, name).detach()
+        module = model.get_submodule(name)
+        weight = dense_weight(module, name)
         original = originals.get(name) if originals is not None else None
+        n_m = expectation.n_m if expectation is not None else None
+        bits = expectation.bits if expectation is not None else None
         reports.append(
             LayerReport(
                 name=name,
@@ -126,9 +177,45 @@ def layer_report(
                 n_params=weight.numel(),
                 sparsity=(weight == 0).sum().item() / max(weight.numel(), 1),
                 rel_error=None if original is None else _rel_error(weight, original),
+                module_type=type(module).__name__,
+                n_m_ok=None if n_m is None else n_m_holds(weight, *n_m),
+                max_distinct_per_group=None if bits is None else max_distinct_per_group(
+                    weight, expectation.group_size, expectation.group_axis),
             )
         )
     return reports
+
+
+def n_m_holds(weight: torch.Tensor, n: int, m: int) -> bool:
+    """True when every run of ``m`` consecutive input weights of every output row has at most ``n`` non-zeros
+    (False too when ``m`` does not divide the input width: the pattern cannot hold)."""
+    if weight.dim() != 2 or weight.shape[1] % m:
+        return False
+    nonzero = (weight != 0).reshape(weight.shape[0], -1, m).sum(dim=2)
+    return bool((nonzero <= n).all())
+
+
+def quant_groups(weight: torch.Tensor, group_size: int | None, axis: int = 1) -> torch.Tensor:
+    """The weight as [n_groups, group_size], one row per quantization group (layout in the module docstring);
+    ``group_size=None`` means one group per output row (``axis=1``) or per input column (``axis=0``)."""
+    if weight.dim() != 2:
+        raise ValueError(f"quantization groups need a 2-d weight, got shape {tuple(weight.shape)}")
+    if group_size is None:
+        return weight if axis == 1 else weight.t()
+    if weight.numel() % group_size:
+        raise ValueError(f"group size {group_size} does not divide the {weight.numel()} weights")
+    return weight.reshape(-1, group_size) if axis == 1 else weight.reshape(group_size, -1).t()
+
+
+def max_distinct_per_group(weight: torch.Tensor, group_size: int | None, axis: int = 1) -> int:
+    """The largest number of distinct values found in one quantization group."""
+    try:
+        groups = quant_groups(weight, group_size, axis)
+    except ValueError:
+        return weight.numel()  # no valid grouping: report the worst case, the check then fails
+    ordered = groups.sort(dim=1).values
+    distinct = 1 + (ordered[:, 1:] != ordered[:, :-1]).sum(dim=1)
+    return int(distinct.max().item()) if distinct.numel() else 0
 
 
 def check_expectation(report: list[LayerReport], expectation: CompressionExpectation) -> list[str]:
@@ -136,7 +223,9 @@ def check_expectation(report: list[LayerReport], expectation: CompressionExpecta
 
     Checked: every name in ``expectation.targets`` is in the report; when a sparsity is promised, every
     target (every reported layer if no targets are named) is within ``tolerance`` of it; when none is
-    promised, every target whose original was given must have changed (a sparsity check already implies it).
+    promised, every target whose original was given must have changed (a sparsity check already implies it);
+    when an N:M pattern is promised, it holds in every group; when a bit width is promised, no quantization
+    group holds more than ``2**bits`` distinct values.
     """
     by_name = {r.name: r for r in report}
     problems = [f"{name}: not in the layer report (a promised target was not measured)"
@@ -156,6 +245,18 @@ def check_expectation(report: list[LayerReport], expectation: CompressionExpecta
                 )
         elif layer.rel_error == 0.0 and layer.name in expectation.targets:
             problems.append(f"{layer.name}: weights bit-equal to the original (layer was not compressed)")
+        if expectation.n_m is not None and layer.n_m_ok is False:
+            n, m = expectation.n_m
+            problems.append(f"{layer.name}: {n}:{m} pattern broken (a group of {m} input weights has more "
+                            f"than {n} non-zeros, or {m} does not divide the input width {layer.shape[-1]})")
+        if expectation.bits is not None and layer.max_distinct_per_group is not None:
+            limit = 2 ** expectation.bits
+            if layer.max_distinct_per_group > limit:
+                group = "per output row" if expectation.group_size is None else f"of {expectation.group_size}"
+                problems.append(
+                    f"{layer.name}: a quantization group {group} holds {layer.max_distinct_per_group} distinct "
+                    f"values, more than 2^{expectation.bits} = {limit} (not quantized to {expectation.bits} bits)"
+                )
     return problems
 
 
@@ -168,7 +269,7 @@ def verify(
 ) -> list[LayerReport]:
     """Report on ``names`` and check ``expectation``; raise ``CompressionMismatch`` listing every problem
     unless ``allow_mismatch``. Returns the report either way (store it with the cell)."""
-    report = layer_report(model, names, originals)
+    report = layer_report(model, names, originals, expectation)
     problems = check_expectation(report, expectation)
     if problems and not allow_mismatch:
         raise CompressionMismatch(problems, report)
@@ -176,14 +277,7 @@ def verify(
 
 
 def _weight(model: nn.Module, name: str) -> torch.Tensor:
-    module = model.get_submodule(name)
-    weight = getattr(module, "weight", None)
-    if not isinstance(weight, torch.Tensor):
-        raise TypeError(
-            f"{name} is a {type(module).__name__} without a dense `weight` tensor; verification reads dense "
-            "weights (a compression that replaces modules must leave or expose one)"
-        )
-    return weight
+    return dense_weight(model.get_submodule(name), name)
 
 
 def _rel_error(weight: torch.Tensor, original: torch.Tensor) -> float:

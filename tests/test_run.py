@@ -267,3 +267,29 @@ def test_loaded_source_must_exist(tmp_path, registry_file):
     registry_file.write_text(yaml.safe_dump(data))
     with pytest.raises(RegistryError, match=r"matrices.t.sources\[1\]: no saved SAE"):
         load_registry([registry_file], load_plugins(entry_points=False))
+
+
+@pytest.mark.parametrize("compression", ["rtn-w8a8", "hqq-4bit", "gptq-w4g64"])
+def test_quantized_models_rerun_from_cache_give_the_same_scores(tmp_path, registry_file, compression):
+    """W8A8 keeps an activation-quantizing forward and HQQ replaces modules: neither may be rebuilt from a
+    state dict alone; GPTQ's baked weights may. All must score the same after the cache is partly cleared."""
+    from harness.cli import PROJECT_REGISTRY
+
+    data = yaml.safe_load(registry_file.read_text())
+    data.pop("compressions")
+    data["matrices"]["t"].update(compressions=[compression], hooks=["layers.1.resid_post"], sources=["original"])
+    registry_file.write_text(yaml.safe_dump(data))
+
+    def run(store):
+        plugins = load_plugins(entry_points=False)
+        runner = Runner(plugins, load_registry([PROJECT_REGISTRY, registry_file], plugins), ResultsStore(store),
+                        Cache(tmp_path / "cache"), progress=False, log=lambda m: None)
+        return by_label(runner.run("t"))[("layers.1.resid_post", "original", compression)]
+
+    first = run(tmp_path / "a.sqlite")
+    for kind in ("activations", "lm"):
+        shutil.rmtree(tmp_path / "cache" / kind)
+    second = run(tmp_path / "b.sqlite")
+    assert first.status == second.status == "done"
+    assert second.metrics == pytest.approx(first.metrics, rel=1e-6)
+    assert second.details["compression"]["from_cache"] is (compression == "gptq-w4g64")
