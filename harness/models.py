@@ -31,7 +31,8 @@ def file_digest(path: Path, chunk: int = 1 << 22) -> str:
 
 def directory_fingerprint(directory: Path) -> str:
     """Hash of a model directory's weight and config files (cached beside them, keyed by size and mtime)."""
-    files = sorted(p for p in directory.iterdir() if p.suffix in {".safetensors", ".bin", ".json"} and p.is_file())
+    files = sorted(p for p in directory.iterdir()
+                   if p.suffix in {".safetensors", ".bin", ".json"} and p.is_file() and not p.name.startswith("."))
     parts = []
     for p in files:
         stat = p.stat()
