@@ -60,6 +60,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    os.environ.setdefault("LLM_COMPRESSOR_LOG_LEVEL", "WARNING")  # it logs every module at INFO otherwise
     try:
         return COMMANDS[args.command](args)
     except (RegistryError, PluginError) as exc:

@@ -268,19 +268,27 @@ def compression_table(results: list[CellResult]) -> str:
     rows = []
     for name, details in seen.items():
         for layer in details.get("layers", []):
-            rows.append([name, layer["name"], "x".join(map(str, layer["shape"])), layer["sparsity"], layer.get("rel_error")])
-    return _table(["compression", "layer", "shape", "sparsity", "rel. error"], rows) if rows else ""
+            rows.append([name, layer["name"], "x".join(map(str, layer["shape"])), layer["sparsity"], layer.get("rel_error"),
+                         layer.get("n_m_ok"), layer.get("max_distinct_per_group")])
+    header = ["compression", "layer", "shape", "sparsity", "rel. error", "N:M holds", "max distinct / group"]
+    return _table(header, rows) if rows else ""
 
 
 def compression_summary(results: list[CellResult]) -> str:
     seen = _compressions(results)
     rows = []
     for name, details in seen.items():
-        sparsities = [layer["sparsity"] for layer in details.get("layers", [])]
+        layers = details.get("layers", [])
+        sparsities = [layer["sparsity"] for layer in layers]
         if sparsities:
+            n_m = [layer.get("n_m_ok") for layer in layers if layer.get("n_m_ok") is not None]
+            distinct = [layer["max_distinct_per_group"] for layer in layers if layer.get("max_distinct_per_group")]
+            rel = [layer["rel_error"] for layer in layers if layer.get("rel_error") is not None]
             rows.append([name, len(sparsities), min(sparsities), sum(sparsities) / len(sparsities), max(sparsities),
-                         details.get("seconds")])
-    header = ["compression", "layers", "min sparsity", "mean sparsity", "max sparsity", "seconds"]
+                         max(rel) if rel else None, f"{sum(n_m)}/{len(n_m)}" if n_m else None,
+                         max(distinct) if distinct else None, details.get("seconds")])
+    header = ["compression", "layers", "min sparsity", "mean sparsity", "max sparsity", "max rel. error",
+              "N:M holds", "max distinct / group", "seconds"]
     return _table(header, rows) if rows else ""
 
 
