@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import shutil
 from pathlib import Path
 from typing import Iterator
 
@@ -56,3 +57,22 @@ def text_corpus(tmp_path: Path) -> Path:
     for index, (name, doc) in enumerate(zip(DOC_MODULES, module_docs())):
         (directory / f"{index:02d}_{name}.txt").write_text(doc)
     return directory
+
+
+@pytest.fixture
+def install_distribution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Install a throwaway distribution: ``install(module_file, dist_name, entry_point_name)`` copies the
+    module next to a ``<dist>-0.1.dist-info`` with one entry point in the ``saex`` group, on sys.path."""
+
+    def install(module_file: Path, dist: str, entry_point: str) -> Path:
+        site = tmp_path / "site"
+        site.mkdir(exist_ok=True)
+        shutil.copy(module_file, site / module_file.name)
+        info = site / f"{dist.replace('-', '_')}-0.1.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.1\n")
+        (info / "entry_points.txt").write_text(f"[saex]\n{entry_point} = {module_file.stem}\n")
+        monkeypatch.syspath_prepend(str(site))
+        return site
+
+    return install

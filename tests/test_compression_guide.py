@@ -1,7 +1,6 @@
 """The worked example of docs/COMPRESSION.md (tests/fixtures/saex_ternary_plugin.py), installed as a throwaway
 distribution and found through the `saex` entry-point group, then run and verified exactly as the runner does."""
 
-import shutil
 from pathlib import Path
 
 import pytest
@@ -17,16 +16,8 @@ GUIDE = Path(__file__).parent.parent / "docs" / "COMPRESSION.md"
 
 
 @pytest.fixture
-def ternary_dist(tmp_path, monkeypatch):
-    site = tmp_path / "site"
-    site.mkdir()
-    shutil.copy(FIXTURES / "saex_ternary_plugin.py", site / "saex_ternary_plugin.py")
-    info = site / "saex_ternary-0.1.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: saex-ternary\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text("[saex]\nternary = saex_ternary_plugin\n")
-    monkeypatch.syspath_prepend(str(site))
-    return site
+def ternary_dist(install_distribution):
+    return install_distribution(FIXTURES / "saex_ternary_plugin.py", "saex-ternary", "ternary")
 
 
 def test_worked_example_is_discovered_compresses_and_verifies(ternary_dist):

@@ -1,7 +1,6 @@
 """Plugin loading: built-ins, a third-party distribution found through the `saex` entry-point group, the
 allow/block env vars, and a fresh manager per call."""
 
-import shutil
 from pathlib import Path
 
 import pytest
@@ -13,17 +12,9 @@ FIXTURES = Path(__file__).parent / "fixtures"
 
 
 @pytest.fixture
-def third_party(tmp_path, monkeypatch):
-    """Install a throwaway distribution `saex-scale` (a dist-info dir on sys.path) with one entry point."""
-    site = tmp_path / "site"
-    site.mkdir()
-    shutil.copy(FIXTURES / "saex_scale_plugin.py", site / "saex_scale_plugin.py")
-    info = site / "saex_scale-0.1.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: saex-scale\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text("[saex]\nscale = saex_scale_plugin\n")
-    monkeypatch.syspath_prepend(str(site))
-    return site
+def third_party(install_distribution):
+    """A throwaway distribution `saex-scale` with one entry point in the `saex` group."""
+    return install_distribution(FIXTURES / "saex_scale_plugin.py", "saex-scale", "scale")
 
 
 def test_every_builtin_registers_something():

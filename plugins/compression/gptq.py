@@ -13,20 +13,14 @@ from typing import TYPE_CHECKING
 
 from pydantic import Field
 
-from harness.protocols import CompressionContext, CompressionExpectation
 from harness.spec import hookimpl
-from plugins.compression.llmcompressor_oneshot import (
-    QuantParams,
-    bake_quantized_weights,
-    quantization_modifier,
-    run_oneshot,
-)
+from plugins.compression.llmcompressor_oneshot import OneshotQuantizer, QuantParams, quantization_modifier
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 
-class GPTQ:
+class GPTQ(OneshotQuantizer):
     name = "gptq"
     description = "GPTQ weight-only int4/int8 quantization (group size default 64) via llm-compressor; calibrated"
 
@@ -34,17 +28,11 @@ class GPTQ:
         block_size: int = Field(128, gt=0, description="columns quantized per pass")
         dampening_frac: float = Field(0.01, gt=0, lt=1, description="Hessian dampening, fraction of its mean diagonal")
 
-    def compress(self, model: "PreTrainedModel", params: Params, ctx: CompressionContext) -> "PreTrainedModel":
+    def modifier(self, model: "PreTrainedModel", params: Params):
         from llmcompressor.modifiers.gptq import GPTQModifier
 
-        modifier = quantization_modifier(GPTQModifier, model, params, block_size=params.block_size,
-                                         dampening_frac=params.dampening_frac)
-        run_oneshot(model, modifier, ctx)
-        bake_quantized_weights(model)
-        return model
-
-    def expectation(self, model: "PreTrainedModel", params: Params) -> CompressionExpectation:
-        return params.expectation(model)
+        return quantization_modifier(GPTQModifier, model, params, block_size=params.block_size,
+                                     dampening_frac=params.dampening_frac)
 
 
 @hookimpl

@@ -207,3 +207,20 @@ def _scratch_dir(workdir: str | None) -> tempfile.TemporaryDirectory:
     if workdir is not None:
         Path(workdir).mkdir(parents=True, exist_ok=True)
     return tempfile.TemporaryDirectory(prefix="saex-llmcompressor-", dir=workdir)
+
+
+class OneshotQuantizer:
+    """What the llm-compressor quantization plugins share: run the modifier once over the calibration blocks,
+    write the quantized values back into the weights, and promise what the params say. Subclasses give the
+    modifier."""
+
+    def modifier(self, model: "PreTrainedModel", params: QuantParams):
+        raise NotImplementedError
+
+    def compress(self, model: "PreTrainedModel", params: QuantParams, ctx: CompressionContext) -> "PreTrainedModel":
+        run_oneshot(model, self.modifier(model, params), ctx)
+        bake_quantized_weights(model)
+        return model
+
+    def expectation(self, model: "PreTrainedModel", params: QuantParams) -> CompressionExpectation:
+        return params.expectation(model)

@@ -11,20 +11,14 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
 
-from harness.protocols import CompressionContext, CompressionExpectation
 from harness.spec import hookimpl
-from plugins.compression.llmcompressor_oneshot import (
-    QuantParams,
-    bake_quantized_weights,
-    quantization_modifier,
-    run_oneshot,
-)
+from plugins.compression.llmcompressor_oneshot import OneshotQuantizer, QuantParams, quantization_modifier
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 
-class RTN:
+class RTN(OneshotQuantizer):
     name = "rtn"
     description = "round-to-nearest int4/int8 weights (W4/W8, group size default 64) or W8A8, via llm-compressor"
 
@@ -34,16 +28,10 @@ class RTN:
                               "and group_size null); null: weight-only",
         )
 
-    def compress(self, model: "PreTrainedModel", params: Params, ctx: CompressionContext) -> "PreTrainedModel":
+    def modifier(self, model: "PreTrainedModel", params: Params):
         from llmcompressor.modifiers.quantization import QuantizationModifier
 
-        modifier = quantization_modifier(QuantizationModifier, model, params, params.activation_bits)
-        run_oneshot(model, modifier, ctx)
-        bake_quantized_weights(model)
-        return model
-
-    def expectation(self, model: "PreTrainedModel", params: Params) -> CompressionExpectation:
-        return params.expectation(model)
+        return quantization_modifier(QuantizationModifier, model, params, params.activation_bits)
 
 
 @hookimpl
