@@ -63,14 +63,15 @@ def _boundary_ids(tokenizer) -> tuple[int, int]:
     return bos, eos
 
 
-def pack(documents: Iterable[str], tokenizer, block_size: int, n_blocks: dict[str, int]) -> dict[str, torch.Tensor]:
+def pack(documents: Iterable[str], tokenizer, block_size: int, n_blocks: dict[str, int], *,
+         progress: bool = True) -> dict[str, torch.Tensor]:
     """Pack documents into ``n_blocks[split]`` blocks per split; stops reading once every split is full."""
     bos, eos = _boundary_ids(tokenizer)
     body = block_size - 1
     buffers: dict[str, list[int]] = {s: [] for s in SPLITS}
     blocks: dict[str, list[list[int]]] = {s: [] for s in SPLITS}
     total = sum(n_blocks.values())
-    with tqdm(total=total, unit="block", desc="tokenizing", leave=False) as bar:
+    with tqdm(total=total, unit="block", desc="tokenizing", leave=False, disable=not progress) as bar:
         for index, text in enumerate(documents):
             split = split_of(index)
             if len(blocks[split]) >= n_blocks[split]:
@@ -93,7 +94,7 @@ def pack(documents: Iterable[str], tokenizer, block_size: int, n_blocks: dict[st
 
 def token_blocks(
     cache: Cache, documents: Callable[[], Iterable[str]], corpus_fingerprint: str, tokenizer, block_size: int,
-    tokens: dict[str, int],
+    tokens: dict[str, int], *, progress: bool = True,
 ) -> TokenBlocks:
     """Token blocks for every split, cached by corpus, tokenizer, block size and budgets."""
     n_blocks = {s: math.ceil(tokens[s] / block_size) for s in SPLITS}
@@ -105,7 +106,7 @@ def token_blocks(
     if path is None:
 
         def write(tmp: Path) -> dict[str, int]:
-            packed = pack(documents(), tokenizer, block_size, n_blocks)
+            packed = pack(documents(), tokenizer, block_size, n_blocks, progress=progress)
             save_file({s: t.contiguous() for s, t in packed.items()}, tmp / "blocks.safetensors")
             return n_blocks
 

@@ -135,7 +135,7 @@ class Runner:
         corpus = self.plugins.get("corpus", entry.plugin)
         params = self.registry.params("corpora", matrix.corpus, self.plugins)
         return token_blocks(self.cache, lambda: corpus.documents(params), corpus.fingerprint(params),
-                            loaded.tokenizer, matrix.block_size, matrix.tokens.model_dump())
+                            loaded.tokenizer, matrix.block_size, matrix.tokens.model_dump(), progress=self.progress)
 
     def _compressed_state(self, ctx: "_Context", base: ModelState, name: str) -> ModelState:
         entry = self.registry.compressions[name]

@@ -9,6 +9,7 @@ splicing) never see the scale. Latents ``f`` live in the scaled space.
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 from typing import ClassVar, Iterator, Literal, Mapping
 
@@ -18,6 +19,9 @@ from safetensors.torch import load_file, save_file
 
 from harness import __version__
 from harness.protocols import ActivationSource, SAEArchitecture
+
+# The sparse training path uses CSR tensors, which torch still labels "beta" with a warning on first use.
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state", category=UserWarning)
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"

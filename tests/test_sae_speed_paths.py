@@ -5,7 +5,6 @@ the dense reference."""
 
 from __future__ import annotations
 
-import warnings
 
 import pytest
 import torch
@@ -16,7 +15,6 @@ from plugins.sae.jumprelu import JumpReLU, JumpReLUFunction, JumpReLUWithL0, Ste
 from plugins.sae.relu import ReLU
 from plugins.sae.topk import TopK
 
-warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 F64 = torch.float64
 
 
