@@ -61,14 +61,15 @@ def test_suffix_equals_full_forward(tiny_llama, blocks, site, layer, single_thre
     assert len(model.model.layers) == 4  # the full layer list is restored
 
 
-def score(tiny_llama, blocks, saes, hook=HookPoint(1, "resid_post")):
+def score(tiny_llama, blocks, saes, hook=HookPoint(1, "resid_post"), ablate_at="all"):
     ctx = SpliceContext(tiny_llama.model, hook, blocks, tiny_llama.tokenizer, torch.device("cpu"), saes)
-    return CEKL().compute_spliced(ctx, CEKL.Params(max_tokens=10_000, batch_blocks=3))
+    return CEKL().compute_spliced(ctx, CEKL.Params(max_tokens=10_000, batch_blocks=3, ablate_at=ablate_at))
 
 
 @pytest.mark.parametrize("site", HOOK_SITES)
 def test_perfect_sae_scores_one_and_zero_sae_scores_zero(tiny_llama, blocks, site, single_thread):
-    found = score(tiny_llama, blocks, {"perfect": Identity(), "zero": Zero(), "half": Scaled()}, HookPoint(1, site))
+    found = score(tiny_llama, blocks, {"perfect": Identity(), "zero": Zero(), "half": Scaled()}, HookPoint(1, site),
+                  ablate_at="sae")
     perfect, zero, half = found["perfect"], found["zero"], found["half"]
     assert perfect["ce_loss_score"] == pytest.approx(1, abs=1e-5)
     assert perfect["kl_sae"] == pytest.approx(0, abs=1e-6) and perfect["kl_div_score"] == pytest.approx(1, abs=1e-5)
@@ -76,6 +77,18 @@ def test_perfect_sae_scores_one_and_zero_sae_scores_zero(tiny_llama, blocks, sit
     assert half["kl_sae"] > 0
     assert perfect["ce_clean"] == zero["ce_clean"] == half["ce_clean"]
     assert perfect["ce_tokens"] == 4 * 22 - 1  # predictions from BOS (one per block) and the EOS dropped
+    assert perfect["kl_tokens"] == 4 * 23 - 1  # KL also at each block's last position, which has no target
+
+
+def test_default_ablation_zeroes_every_position_including_special_tokens(tiny_llama, blocks):
+    """SAELens ablates everywhere: a zero SAE (non-special positions only) then differs from the ablation
+    exactly when special positions are present, and equals it when they are not."""
+    with_special = score(tiny_llama, blocks, {"zero": Zero()}, HookPoint(1, "mlp_out"))["zero"]
+    assert with_special["ce_sae"] != pytest.approx(with_special["ce_ablated"], abs=1e-4)
+    plain = blocks[:, 1:].clone()
+    plain[plain == tiny_llama.tokenizer.eos_token_id] = 5
+    without = score(tiny_llama, plain, {"zero": Zero()}, HookPoint(1, "mlp_out"))["zero"]
+    assert without["ce_loss_score"] == pytest.approx(0, abs=1e-6) and without["kl_div_score"] == pytest.approx(0, abs=1e-6)
 
 
 def test_ce_clean_matches_a_manual_computation(tiny_llama, blocks):

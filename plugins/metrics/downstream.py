@@ -1,19 +1,20 @@
 """Downstream metrics by splicing: CE and KL with the SAE's reconstruction in place of the activation.
 
-Per token (predictions made from a special token dropped), pooled means over all eval tokens:
-ce_clean, ce_sae, ce_ablated (zero-ablation of the hook) and
+Pooled means over all eval tokens, as SAELens 6.54's ``get_downstream_reconstruction_metrics``:
+ce_clean, ce_sae, ce_ablated per next-token prediction (predictions made from a special token dropped) and
 ce_loss_score = (ce_ablated - ce_sae) / (ce_ablated - ce_clean);
-kl_sae, kl_ablated with KL(p_clean || p_modified) from log_softmax, and
-kl_div_score = (kl_ablated - kl_sae) / kl_ablated.
-The SAE and the zero-ablation replace the activation at the same positions (every non-special token), so
-a zero SAE scores exactly 0 and a perfect one exactly 1. Zero-ablating a residual-stream hook of a bias-free
-model makes every later layer see zeros, so ce_ablated = ln(vocab) there whatever the model.
+kl_sae, kl_ablated with KL(p_clean || p_modified) from log_softmax at every non-special position (the last
+one of a block included: it has a distribution, if no target), and kl_div_score = (kl_ablated - kl_sae) / kl_ablated.
+The SAE replaces the activation at non-special positions; the zero-ablation at every position (SAELens,
+DESIGN.md) or, with ``ablate_at: sae``, at the SAE's positions only, where a zero SAE scores exactly 0.
+Zero-ablating a residual-stream hook of a bias-free model makes every later layer see zeros, so
+ce_ablated = ln(vocab) there whatever the model.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
 import torch.nn.functional as F
@@ -31,12 +32,17 @@ class _Pooled:
     def __init__(self) -> None:
         self.ce = 0.0
         self.kl = 0.0
-        self.n = 0
+        self.n_ce = 0
+        self.n_kl = 0
 
-    def add(self, logp: torch.Tensor, clean_logp: torch.Tensor, targets: torch.Tensor) -> None:
-        self.ce += float(F.nll_loss(logp, targets, reduction="sum").double())
+    def add(self, logp: torch.Tensor, clean_logp: torch.Tensor, has_target: torch.Tensor,
+            targets: torch.Tensor) -> None:
+        """``logp``/``clean_logp``: [n, vocab] at the scored positions; ``has_target`` [n] marks the rows that
+        predict ``targets``."""
+        self.ce += float(F.nll_loss(logp[has_target], targets, reduction="sum").double())
         self.kl += float((clean_logp.exp() * (clean_logp - logp)).sum().double())
-        self.n += len(targets)
+        self.n_ce += len(targets)
+        self.n_kl += len(logp)
 
 
 def _score(worse: float, better: float, best: float) -> float:
@@ -54,6 +60,8 @@ class CEKL:
         model_config = ConfigDict(extra="forbid")
         max_tokens: int = Field(8192, gt=0, description="eval tokens used (leading eval blocks); the same for every SAE")
         batch_blocks: int = Field(4, gt=0)
+        ablate_at: Literal["all", "sae"] = Field(
+            "all", description="zero-ablate every position (SAELens) or only where the SAE is spliced in")
 
     def compute_spliced(self, ctx: SpliceContext, params: Params) -> dict[str, dict[str, float]]:
         n_blocks = max(1, min(len(ctx.blocks), params.max_tokens // ctx.blocks.shape[1]))
@@ -63,31 +71,34 @@ class CEKL:
         pooled = {name: _Pooled() for name in ["clean", *variants]}
         for start in range(0, n_blocks, params.batch_blocks):
             ids = blocks[start : start + params.batch_blocks].to(ctx.device)
-            special = special_mask(ids, ctx.tokenizer)
-            keep = ~special[:, :-1]
-            targets = ids[:, 1:][keep]
+            scored = ~special_mask(ids, ctx.tokenizer)
+            predicts = scored.clone()
+            predicts[:, -1] = False
+            has_target = predicts[scored]
+            targets = ids[:, 1:][predicts[:, :-1]]
             hidden = prefix(ctx.model, ids, ctx.hook)
 
             def logp(fn, mask) -> torch.Tensor:
                 logits = suffix_logits(ctx.model, hidden, ctx.hook, fn, mask)
-                return F.log_softmax(logits[:, :-1][keep].float(), dim=-1)
+                return F.log_softmax(logits[scored].float(), dim=-1)
 
             clean = logp(None, None)
-            pooled["clean"].add(clean, clean, targets)
+            pooled["clean"].add(clean, clean, has_target, targets)
             for name, fn in variants.items():
-                pooled[name].add(logp(fn, ~special), clean, targets)
-        ce_clean = pooled["clean"].ce / pooled["clean"].n
-        ce_ablated = pooled["ablated"].ce / pooled["ablated"].n
-        kl_ablated = pooled["ablated"].kl / pooled["ablated"].n
+                mask = None if name == "ablated" and params.ablate_at == "all" else scored
+                pooled[name].add(logp(fn, mask), clean, has_target, targets)
+        ce_clean = pooled["clean"].ce / pooled["clean"].n_ce
+        ce_ablated = pooled["ablated"].ce / pooled["ablated"].n_ce
+        kl_ablated = pooled["ablated"].kl / pooled["ablated"].n_kl
         results = {}
         for label in ctx.saes:
-            ce_sae, kl_sae = pooled[label].ce / pooled[label].n, pooled[label].kl / pooled[label].n
+            ce_sae, kl_sae = pooled[label].ce / pooled[label].n_ce, pooled[label].kl / pooled[label].n_kl
             results[label] = {
                 "ce_clean": ce_clean, "ce_sae": ce_sae, "ce_ablated": ce_ablated,
                 "ce_loss_score": _score(ce_ablated, ce_sae, ce_clean),
                 "kl_sae": kl_sae, "kl_ablated": kl_ablated,
                 "kl_div_score": (kl_ablated - kl_sae) / kl_ablated if kl_ablated else math.nan,
-                "ce_tokens": float(pooled[label].n),
+                "ce_tokens": float(pooled[label].n_ce), "kl_tokens": float(pooled[label].n_kl),
             }
         return results
 
