@@ -96,7 +96,9 @@ class MetricContext:
 @dataclass
 class SpliceContext:
     """Everything a splice metric reads: one scored model and hook, its eval token blocks, and every SAE
-    scored there (label -> SAE), so the layers before the hook run once for all of them."""
+    scored there (label -> SAE), so the layers before the hook run once for all of them. ``mean_activation``
+    [d] is the scored model's mean activation at the hook over its eval tokens (special tokens excluded; at
+    most 100k of them, ``harness.sae.mean_activation``), for a mean-ablation baseline."""
 
     model: torch.nn.Module
     hook: "HookPoint"
@@ -104,6 +106,7 @@ class SpliceContext:
     tokenizer: "PreTrainedTokenizerBase"
     device: torch.device
     saes: dict[str, "SAE"]
+    mean_activation: torch.Tensor | None = None
 
 
 # --- plugin kinds ----------------------------------------------------------------------------------------

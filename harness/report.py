@@ -20,17 +20,19 @@ from harness.store import CellResult
 
 # Headline metrics first, then the rest in a fixed order; metrics not listed follow, sorted by name.
 METRIC_COLUMNS = (
-    "explained_variance", "ce_loss_score", "kl_div_score", "l0", "dead_frac", "dense_frac", "mse", "cos",
-    "l2_ratio", "l1", "ce_clean", "ce_sae", "ce_ablated", "kl_sae", "kl_ablated", "model_ce", "model_ppl",
+    "explained_variance", "ce_loss_score", "ce_loss_score_mean", "kl_div_score", "kl_div_score_mean", "l0",
+    "dead_frac", "dense_frac", "mse", "cos", "l2_ratio", "l1", "ce_clean", "ce_sae", "ce_ablated",
+    "ce_mean_ablated", "kl_sae", "kl_ablated", "kl_mean_ablated", "model_ce", "model_ppl",
 )
-GAP_METRICS = ("explained_variance", "ce_loss_score", "kl_div_score")
+GAP_METRICS = ("explained_variance", "ce_loss_score", "ce_loss_score_mean", "kl_div_score")
 COST_METRICS = ("explained_variance", "ce_loss_score")
 ABLATION_MARK = "†"
 ABLATION_NOTE = (
     f"{ABLATION_MARK} ce_loss_score = (ce_ablated - ce_sae) / (ce_ablated - ce_clean), with the hook zero-ablated "
     "for ce_ablated. Zero-ablating a residual-stream hook (resid_pre / resid_post) of a bias-free model makes "
     "every later layer see zeros: the logits are uniform and ce_ablated = ln(vocab) for every model, compressed "
-    "or not, so the score's baseline says nothing about the hook (DESIGN.md section 7)."
+    "or not, so the score's baseline says nothing about the hook (DESIGN.md section 7). ce_loss_score_mean "
+    "and kl_div_score_mean use the hook's mean activation over the eval tokens as the baseline instead."
 )
 COST_NOTE = (
     "Seconds to obtain the SAE: training for `original` (paid once, on M, whatever the compression) and "

@@ -31,7 +31,7 @@ from harness.plugins import Plugins
 from harness.protocols import CompressionContext, LoadedModel, Metric, MetricContext, SAEArchitecture, SpliceContext
 from harness.registry import MatrixEntry, Registry
 from harness.sources import Source, parse_source
-from harness.sae import SAE, load_sae, save_sae
+from harness.sae import SAE, load_sae, mean_activation, save_sae
 from harness.saelens import load_pretrained
 from harness.sae_sparsity import sae_sparsity
 from harness.store import CellResult, ResultsStore
@@ -287,7 +287,8 @@ class Runner:
             return {}
         by_label = {c.source: c for c in saes}
         sctx = SpliceContext(target.model, hook, ctx.blocks.eval, ctx.loaded.tokenizer, ctx.device,
-                             {c.source: sae for c, sae in saes.items()})
+                             {c.source: sae for c, sae in saes.items()},
+                             mean_activation=mean_activation(self._acts(ctx, target, "eval", hook)).float())
         values: dict[Cell, dict[str, float]] = {c: {} for c in saes}
         for name, metric, params in plugins:
             for label, found in metric.compute_spliced(sctx, params).items():

@@ -91,6 +91,7 @@ def test_matrix_runs_every_cell_with_verified_compression(tmp_path, registry_fil
         assert 0 < on_m["explained_variance"] <= 1 and on_m["l0"] <= 8
         assert on_m["ce_clean"] == pytest.approx(on_m["model_ce"], rel=0.05)  # 512 of the 1024 eval tokens
         assert math.isfinite(on_m["ce_loss_score"]) and on_m["kl_sae"] >= 0  # a random model: ablation barely matters
+        assert math.isfinite(on_m["ce_loss_score_mean"]) and on_m["kl_mean_ablated"] > 0  # the runner gives the mean
         pruned = cells[(hook, "original", "mag")]
         layers = pruned.details["compression"]["layers"]
         assert len(layers) == 3 * 7 and all(abs(layer["sparsity"] - 0.5) < 1e-3 for layer in layers)

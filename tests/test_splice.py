@@ -99,3 +99,24 @@ def test_ce_clean_matches_a_manual_computation(tiny_llama, blocks):
     found = score(tiny_llama, blocks, {"perfect": Identity()})["perfect"]
     assert found["ce_clean"] == pytest.approx(expected, abs=1e-5)
     assert found["ce_ablated"] > 0 and math.isfinite(found["ce_ablated"])
+
+
+def test_mean_ablation_baseline_scores_a_mean_sae_zero_and_a_perfect_one_one(tiny_llama, blocks):
+    hook = HookPoint(1, "resid_post")
+    mean = torch.randn(tiny_llama.model.config.hidden_size)
+
+    class Mean(nn.Module):
+        d_sae = 1
+
+        def forward(self, x):
+            return mean.expand_as(x), x
+
+    ctx = SpliceContext(tiny_llama.model, hook, blocks, tiny_llama.tokenizer, torch.device("cpu"),
+                        {"perfect": Identity(), "mean": Mean()}, mean_activation=mean)
+    found = CEKL().compute_spliced(ctx, CEKL.Params(max_tokens=10_000))
+    assert found["mean"]["ce_loss_score_mean"] == pytest.approx(0, abs=1e-6)
+    assert found["mean"]["kl_div_score_mean"] == pytest.approx(0, abs=1e-6)
+    assert found["perfect"]["ce_loss_score_mean"] == pytest.approx(1, abs=1e-5)
+    assert found["mean"]["ce_mean_ablated"] == pytest.approx(found["mean"]["ce_sae"], abs=1e-6)
+    # without a mean in the context there is no mean-ablation baseline
+    assert "ce_loss_score_mean" not in score(tiny_llama, blocks, {"perfect": Identity()})["perfect"]

@@ -8,7 +8,9 @@ one of a block included: it has a distribution, if no target), and kl_div_score 
 The SAE replaces the activation at non-special positions; the zero-ablation at every position (SAELens,
 DESIGN.md) or, with ``ablate_at: sae``, at the SAE's positions only, where a zero SAE scores exactly 0.
 Zero-ablating a residual-stream hook of a bias-free model makes every later layer see zeros, so
-ce_ablated = ln(vocab) there whatever the model.
+ce_ablated = ln(vocab) there whatever the model. When the context has the hook's mean activation, a
+mean-ablation baseline (the mean at the SAE's positions) gives ce_mean_ablated, kl_mean_ablated and the
+scores ce_loss_score_mean, kl_div_score_mean against it: an informative baseline where zero-ablation is not.
 """
 
 from __future__ import annotations
@@ -44,11 +46,27 @@ class _Pooled:
         self.n_ce += len(targets)
         self.n_kl += len(logp)
 
+    @property
+    def mean_ce(self) -> float:
+        return self.ce / self.n_ce
+
+    @property
+    def mean_kl(self) -> float:
+        return self.kl / self.n_kl
+
 
 def _score(worse: float, better: float, best: float) -> float:
     """(worse - better) / (worse - best), NaN when the baseline does not move the loss."""
     denominator = worse - best
     return (worse - better) / denominator if denominator != 0 else math.nan
+
+
+def _scores(baseline: _Pooled, sae: _Pooled, clean: _Pooled, name: str, suffix: str) -> dict[str, float]:
+    """The baseline's CE and KL and the SAE's scores against it (``ce_loss_score{suffix}``,
+    ``kl_div_score{suffix}``)."""
+    return {f"ce_{name}": baseline.mean_ce, f"kl_{name}": baseline.mean_kl,
+            f"ce_loss_score{suffix}": _score(baseline.mean_ce, sae.mean_ce, clean.mean_ce),
+            f"kl_div_score{suffix}": _score(baseline.mean_kl, sae.mean_kl, 0.0)}
 
 
 class CEKL:
@@ -67,6 +85,9 @@ class CEKL:
         n_blocks = max(1, min(len(ctx.blocks), params.max_tokens // ctx.blocks.shape[1]))
         blocks = ctx.blocks[:n_blocks]
         variants: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"ablated": zero_ablation}
+        if ctx.mean_activation is not None:
+            mean = ctx.mean_activation.to(ctx.device)
+            variants["mean_ablated"] = lambda x: mean.to(x.dtype).expand_as(x)
         variants |= {label: sae_transform(sae) for label, sae in ctx.saes.items()}
         pooled = {name: _Pooled() for name in ["clean", *variants]}
         for start in range(0, n_blocks, params.batch_blocks):
@@ -87,19 +108,15 @@ class CEKL:
             for name, fn in variants.items():
                 mask = None if name == "ablated" and params.ablate_at == "all" else scored
                 pooled[name].add(logp(fn, mask), clean, has_target, targets)
-        ce_clean = pooled["clean"].ce / pooled["clean"].n_ce
-        ce_ablated = pooled["ablated"].ce / pooled["ablated"].n_ce
-        kl_ablated = pooled["ablated"].kl / pooled["ablated"].n_kl
-        results = {}
+        clean, results = pooled["clean"], {}
         for label in ctx.saes:
-            ce_sae, kl_sae = pooled[label].ce / pooled[label].n_ce, pooled[label].kl / pooled[label].n_kl
-            results[label] = {
-                "ce_clean": ce_clean, "ce_sae": ce_sae, "ce_ablated": ce_ablated,
-                "ce_loss_score": _score(ce_ablated, ce_sae, ce_clean),
-                "kl_sae": kl_sae, "kl_ablated": kl_ablated,
-                "kl_div_score": (kl_ablated - kl_sae) / kl_ablated if kl_ablated else math.nan,
-                "ce_tokens": float(pooled[label].n_ce), "kl_tokens": float(pooled[label].n_kl),
-            }
+            sae = pooled[label]
+            found = {"ce_clean": clean.mean_ce, "ce_sae": sae.mean_ce, "kl_sae": sae.mean_kl,
+                     "ce_tokens": float(sae.n_ce), "kl_tokens": float(sae.n_kl)}
+            for baseline, suffix in (("ablated", ""), ("mean_ablated", "_mean")):
+                if baseline in pooled:
+                    found |= _scores(pooled[baseline], sae, clean, baseline, suffix)
+            results[label] = found
         return results
 
 

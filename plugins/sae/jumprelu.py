@@ -66,7 +66,9 @@ class JumpReLUWithL0(torch.autograd.Function):
     def forward(ctx: Any, pre: torch.Tensor, theta: torch.Tensor, bandwidth: float
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         active = pre > theta
-        window = (pre - theta).div_(bandwidth).abs_() < 0.5  # rectangle((pre - theta) / eps)
+        # rectangle((pre - theta) / eps) as two byte-mask comparisons: 13 bytes of traffic per entry, not 29
+        window = pre > theta - 0.5 * bandwidth
+        window &= pre < theta + 0.5 * bandwidth
         l0 = active.sum().to(torch.float32) / pre.shape[0]
         f = pre.mul_(active)
         ctx.mark_dirty(pre)
