@@ -23,6 +23,13 @@ DOC_MODULES = (
 )
 
 
+def _one_torch_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def single_thread(request: pytest.FixtureRequest) -> Iterator[None]:
     """Every test but the integration ones runs torch on one thread: tiny matmuls gain nothing from threads,
@@ -30,10 +37,14 @@ def single_thread(request: pytest.FixtureRequest) -> Iterator[None]:
     if request.node.get_closest_marker("integration"):
         yield
         return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    yield from _one_torch_thread()
+
+
+@pytest.fixture(scope="module")
+def single_thread_module() -> Iterator[None]:
+    """One torch thread for a module's own module-scoped fixtures (which ``single_thread`` does not cover):
+    ``pytestmark = pytest.mark.usefixtures("single_thread_module")``."""
+    yield from _one_torch_thread()
 
 
 @pytest.fixture(scope="session")

@@ -33,7 +33,8 @@ from sae_lens.training.activation_scaler import ActivationScaler  # noqa: E402
 from transformer_lens import HookedTransformer, HookedTransformerConfig  # noqa: E402
 from transformer_lens.pretrained.weight_conversions.llama import convert_llama_weights  # noqa: E402
 
-pytestmark = pytest.mark.filterwarnings("ignore:HookedTransformer is deprecated:DeprecationWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore:HookedTransformer is deprecated:DeprecationWarning"),
+              pytest.mark.usefixtures("single_thread_module")]
 CPU = torch.device("cpu")
 BOS, EOS, PAD = 0, 1, 2
 IGNORE_TOKENS = [BOS, EOS, PAD]
@@ -56,15 +57,6 @@ DOWNSTREAM_KEYS = {
     "kl_sae": ("kl_div_with_sae", {"rel": 1e-4}), "kl_ablated": ("kl_div_with_ablation", {"rel": 1e-4}),
     "kl_div_score": ("kl_div_score", {"abs": 1e-4}),
 }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """The module fixtures (sampling, training) also run on one thread, not just the tests."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
