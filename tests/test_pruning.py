@@ -13,7 +13,7 @@ from harness.activations import TensorActivations
 from harness.plugins import load_plugins
 from harness.sae import SAE, load_sae, save_sae
 from plugins.pruning import LatentsPruner, MagnitudePruner, WandaPruner
-from plugins.pruning.common import sae_sparsity
+from harness.sae_sparsity import sae_sparsity
 from plugins.sae.topk import TopK, TopKSAE
 
 D_IN, D_SAE, K = 16, 64, 4

@@ -19,7 +19,6 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from harness.protocols import ActivationSource
 from harness.sae import SAE
-from harness.sae_sparsity import sae_sparsity  # noqa: F401  (re-exported for the pruners)
 
 Matrix = Literal["W_enc", "W_dec"]
 MATRICES: tuple[Matrix, Matrix] = ("W_enc", "W_dec")
