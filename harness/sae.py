@@ -68,8 +68,8 @@ class TrainStep:
             values = f.values()
             l0 = (values != 0).sum().item() / max(f.shape[0], 1)
             return l0, latents_fired(f.col_indices(), values, f.shape[1])
-        active = f != 0
-        return active.sum().item() / max(f.shape[0], 1), active.any(0)
+        active = f != 0  # count_nonzero: a bool .sum() copies the whole mask to int64 first
+        return torch.count_nonzero(active).item() / max(f.shape[0], 1), active.any(0)
 
 
 def latents_fired(cols: torch.Tensor, values: torch.Tensor, d_sae: int) -> torch.Tensor:
