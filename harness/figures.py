@@ -25,7 +25,7 @@ from harness.store import CellResult
 
 DPI = 120
 MAX_COLUMNS = 4
-SPARSITY_METRICS = ("ce_loss_score", "explained_variance")
+SPARSITY_METRICS = ("ce_loss_score", "kl_div_score", "explained_variance")
 MARKERS = {"original": "o", "loaded": "D", "retrained": "s", "pruned": "^"}
 REFERENCE_STYLES = {  # label -> line style of the horizontal reference lines
     "original on M": dict(color="0.55", linestyle="-.", linewidth=1.2),

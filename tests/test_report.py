@@ -147,7 +147,7 @@ def test_report_folder_has_readable_figures(tmp_path):
     # one figure per (kind, metric, hook, sae), named after them
     assert [p.name for p in written] == [
         "report.md", "sparsity-ce_loss_score-layers.4.resid_post-topk.png",
-        "sparsity-explained_variance-layers.4.resid_post-topk.png", "transfer-gap-layers.4.resid_post-topk.png",
+        "sparsity-kl_div_score-layers.4.resid_post-topk.png", "sparsity-explained_variance-layers.4.resid_post-topk.png", "transfer-gap-layers.4.resid_post-topk.png",
         "cost-explained_variance-layers.4.resid_post-topk.png", "cost-ce_loss_score-layers.4.resid_post-topk.png",
     ]
     for path in written:
@@ -195,7 +195,7 @@ def test_cli_out_refuses_to_overwrite_without_force(tmp_path, capsys):
     out = tmp_path / "report"
     assert main(["report", "--store", str(store), "--out", str(out)]) == 0
     printed = capsys.readouterr().out.split()
-    assert printed[0] == str(out / "report.md") and len(printed) == 6
+    assert printed[0] == str(out / "report.md") and len(printed) == 7
     before = {p: p.stat().st_mtime_ns for p in out.iterdir()}
 
     assert main(["report", "--store", str(store), "--out", str(out)]) == 2
