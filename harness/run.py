@@ -29,7 +29,7 @@ from harness.matrix import BASE, Cell, expand
 from harness.models import resolve_device
 from harness.plugins import Plugins
 from harness.protocols import CompressionContext, LoadedModel, Metric, MetricContext, SAEArchitecture, SpliceContext
-from harness.registry import MatrixEntry, Registry
+from harness.registry import MatrixEntry, Registry, RegistryError
 from harness.sources import Source, parse_source
 from harness.sae import SAE, load_sae, mean_activation, save_sae
 from harness.saelens import load_pretrained
@@ -100,20 +100,25 @@ class Runner:
         for model_name in matrix.models:
             todo = [c for c in pending if c.model == model_name]
             if todo:
-                self._run_model(matrix, model_name, todo, device)
+                self._run_model(name, matrix, model_name, todo, device)
         return [r for c in cells if (r := self.store.get(c.key(self.registry))) is not None]
 
     # --- per model ----------------------------------------------------------------------------------------
 
-    def _run_model(self, matrix: MatrixEntry, model_name: str, cells: list[Cell], device: torch.device) -> None:
+    def _run_model(self, name: str, matrix: MatrixEntry, model_name: str, cells: list[Cell],
+                   device: torch.device) -> None:
         entry = self.registry.models[model_name]
         loaded: LoadedModel = self.plugins.get("model", entry.plugin).load(
             self.registry.params("models", model_name, self.plugins), device)
         if matrix.dtype == "bfloat16":
             loaded.model.to(torch.bfloat16)
         hooks = [parse_hook(h) for h in matrix.hooks]
-        for hook in hooks:
-            check_hook(loaded.model, hook)
+        for index, hook in enumerate(hooks):
+            try:
+                check_hook(loaded.model, hook)
+            except ValueError as exc:  # only now is the model's depth known: still bad input, not a crash
+                raise RegistryError(self.registry.origins.get(f"matrices.{name}", "registry"),
+                                    f"matrices.{name}.hooks[{index}]", f"model {model_name!r}: {exc}") from exc
         blocks = self._blocks(matrix, loaded)
         base = ModelState({"model": loaded.fingerprint, "dtype": matrix.dtype}, lambda state: loaded.model)
         ctx = _Context(matrix, loaded, blocks, hooks, device)

@@ -178,6 +178,18 @@ def test_cli_run_then_report(tmp_path, registry_file, monkeypatch, capsys):
     assert report.count("| done |") == 10
 
 
+def test_hook_beyond_the_model_is_a_registry_error_with_exit_2(tmp_path, registry_file, monkeypatch, capsys):
+    """Only the loaded model knows its depth, so this is caught at run time, still as bad input."""
+    monkeypatch.setenv("SAEX_HOME", str(tmp_path / "home"))
+    data = yaml.safe_load(registry_file.read_text())
+    data["matrices"]["t"]["hooks"] = ["layers.1.resid_post", "layers.3.mlp_out"]
+    registry_file.write_text(yaml.safe_dump(data))
+    store = tmp_path / "cli.sqlite"
+    assert main(["run", "t", "--registry", str(registry_file), "--store", str(store), "--no-progress"]) == 2
+    error = capsys.readouterr().err
+    assert f"{registry_file}: matrices.t.hooks[1]: model 'tiny3'" in error and "valid layers 0..2" in error
+
+
 def test_compressed_model_is_cached_and_resumed_runs_do_not_compress(tmp_path, registry_file):
     from plugins.compression.magnitude import Magnitude
 
