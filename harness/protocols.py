@@ -74,6 +74,9 @@ class CompressionExpectation:
     bits: int | None = None
     group_size: int | None = None  # weights per group; None = one group per output row (per channel)
     group_axis: int = 1  # 1: groups run along the input dim of each row; 0: hqq's axis-0 layout (see verify)
+    # the model is returned as it was (``none``): every Linear weight must be bit-equal to the original, and
+    # the runner lets M_c share M's activations and SAEs instead of recomputing them
+    unchanged: bool = False
 
 
 @dataclass

@@ -144,8 +144,19 @@ class Runner:
 
     def _compressed_state(self, ctx: "_Context", base: ModelState, name: str) -> ModelState:
         entry = self.registry.compressions[name]
-        identity = {**base.identity, "compression": entry.model_dump()}
+        unchanged = self._promises_unchanged(base, name)
+        identity = base.identity if unchanged else {**base.identity, "compression": entry.model_dump()}
         return ModelState(identity, lambda state: self._compress(ctx, base, name, state), label=f"M_c[{name}]")
+
+    def _promises_unchanged(self, base: ModelState, name: str) -> bool:
+        """Whether compression ``name`` promises to return M as it was (``none``): then M_c shares M's cache
+        keys, so its activations and its `retrained` SAE are M's (the promise is verified when it runs)."""
+        entry = self.registry.compressions[name]
+        try:
+            compressor = self.plugins.get("compression", entry.plugin)
+            return compressor.expectation(base.model, self.registry.params("compressions", name, self.plugins)).unchanged
+        except Exception:  # a bad parameter fails this compression's cells later, with its own message
+            return False
 
     def _compress(self, ctx: "_Context", base: ModelState, name: str, state: ModelState) -> nn.Module:
         """Build M_c, recording its per-layer report in ``state.details`` even when verification fails."""

@@ -225,7 +225,7 @@ def check_expectation(report: list[LayerReport], expectation: CompressionExpecta
     target (every reported layer if no targets are named) is within ``tolerance`` of it; when none is
     promised, every target whose original was given must have changed (a sparsity check already implies it);
     when an N:M pattern is promised, it holds in every group; when a bit width is promised, no quantization
-    group holds more than ``2**bits`` distinct values.
+    group holds more than ``2**bits`` distinct values; when ``unchanged`` is promised, no weight moved.
     """
     by_name = {r.name: r for r in report}
     problems = [f"{name}: not in the layer report (a promised target was not measured)"
@@ -245,6 +245,9 @@ def check_expectation(report: list[LayerReport], expectation: CompressionExpecta
                 )
         elif layer.rel_error == 0.0 and layer.name in expectation.targets:
             problems.append(f"{layer.name}: weights bit-equal to the original (layer was not compressed)")
+        if expectation.unchanged and layer.rel_error:  # None: no original to compare with
+            problems.append(f"{layer.name}: weights changed (relative error {layer.rel_error:.3g}), "
+                            "though the compression promised to leave the model unchanged")
         if expectation.n_m is not None and layer.n_m_ok is False:
             n, m = expectation.n_m
             problems.append(f"{layer.name}: {n}:{m} pattern broken (a group of {m} input weights has more "

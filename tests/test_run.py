@@ -234,6 +234,35 @@ def test_compressed_model_is_cached_and_resumed_runs_do_not_compress(tmp_path, r
     assert first[("layers.1.resid_post", "original", "cm")].metrics["model_ppl"] > 1
 
 
+def test_none_shares_the_activations_and_saes_of_m(tmp_path, registry_file):
+    """``none`` promises an unchanged model: M_c[none] reuses M's activations and its `retrained` SAE is M's
+    original, so a matrix with only ``none`` trains one SAE and collects each split once."""
+    data = yaml.safe_load(registry_file.read_text())
+    data["matrices"]["t"].update(compressions=["id"], hooks=["layers.1.resid_post"])
+    registry_file.write_text(yaml.safe_dump(data))
+    results = by_label(make_runner(tmp_path, registry_file).run("t"))
+    assert all(r.status == "done" for r in results.values())
+    cache = tmp_path / "cache"
+    assert len(list((cache / "saes").iterdir())) == 1
+    assert len(list((cache / "activations").iterdir())) == 2  # train and eval of M (no calibration needed)
+    original = results[("layers.1.resid_post", "original", None)]
+    retrained = results[("layers.1.resid_post", "retrained", "id")]
+    assert {k: retrained.metrics[k] for k in original.metrics} == original.metrics and retrained.cost == original.cost
+    assert retrained.metrics["dec_match_mean_max_cos"] == pytest.approx(1)  # the same SAE
+
+
+def test_a_compression_that_breaks_its_unchanged_promise_fails():
+    from harness.protocols import CompressionExpectation
+    from harness.verify import LayerReport, check_expectation
+
+    moved = LayerReport(name="model.layers.0.mlp.up_proj", shape=(8, 4), n_params=32, sparsity=0.0,
+                        rel_error=0.01, module_type="Linear")
+    problems = check_expectation([moved], CompressionExpectation(unchanged=True))
+    assert problems == ["model.layers.0.mlp.up_proj: weights changed (relative error 0.01), though the compression "
+                        "promised to leave the model unchanged"]
+    assert check_expectation([moved], CompressionExpectation()) == []
+
+
 def test_pruned_sources_are_calibrated_on_the_compressed_model(tmp_path, registry_file):
     data = yaml.safe_load(registry_file.read_text())
     data["matrices"]["t"].update(

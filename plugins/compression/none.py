@@ -20,7 +20,7 @@ class NoCompression:
         return model
 
     def expectation(self, model: "PreTrainedModel", params: NoParams) -> CompressionExpectation:
-        return CompressionExpectation()
+        return CompressionExpectation(unchanged=True)
 
 
 @hookimpl
