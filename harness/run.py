@@ -301,9 +301,9 @@ class Runner:
         plugins = self._metric_plugins(ctx, "splice")
         if not plugins:
             return {}
-        by_label = {c.source: c for c in saes}
+        by_label = {f"{c.sae}/{c.source}": c for c in saes}  # unique within a (scored model, hook) group
         sctx = SpliceContext(target.model, hook, ctx.blocks.eval, ctx.loaded.tokenizer, ctx.device,
-                             {c.source: sae for c, sae in saes.items()},
+                             {label: saes[c] for label, c in by_label.items()},
                              mean_activation=mean_activation(self._acts(ctx, target, "eval", hook)).float())
         values: dict[Cell, dict[str, float]] = {c: {} for c in saes}
         for name, metric, params in plugins:

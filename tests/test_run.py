@@ -234,6 +234,27 @@ def test_compressed_model_is_cached_and_resumed_runs_do_not_compress(tmp_path, r
     assert first[("layers.1.resid_post", "original", "cm")].metrics["model_ppl"] > 1
 
 
+def test_two_sae_architectures_in_one_group_are_each_spliced(tmp_path, registry_file):
+    """Cells of one (scored model, hook) with the same source but different SAEs are scored each with its own
+    SAE: the same CE/KL as when each architecture runs alone."""
+    data = yaml.safe_load(registry_file.read_text())
+    data["saes"]["other"] = {"plugin": "relu", "params": {"expansion_factor": 2},
+                             "training": {"tokens": 4096, "batch_size": 256, "lr": 0.003}}
+    data["matrices"]["t"].update(compressions=["mag"], hooks=["layers.1.resid_post"], saes=["small", "other"])
+    data["matrices"]["alone"] = {**data["matrices"]["t"], "saes": ["small"]}
+    registry_file.write_text(yaml.safe_dump(data))
+    runner = make_runner(tmp_path, registry_file)
+    both = {(r.cell["sae"], r.cell["source"], r.cell["scored_on"]): r.metrics for r in runner.run("t")}
+    assert len(both) == 6
+    for key, metrics in both.items():
+        assert math.isfinite(metrics["kl_div_score"]), key
+    alone = make_runner(tmp_path / "second", registry_file)  # a fresh store and cache
+    for r in alone.run("alone"):
+        mine = both[(r.cell["sae"], r.cell["source"], r.cell["scored_on"])]
+        assert mine["kl_sae"] == pytest.approx(r.metrics["kl_sae"], rel=1e-6)
+    assert both[("small", "original", "base")]["kl_sae"] != both[("other", "original", "base")]["kl_sae"]
+
+
 def test_none_shares_the_activations_and_saes_of_m(tmp_path, registry_file):
     """``none`` promises an unchanged model: M_c[none] reuses M's activations and its `retrained` SAE is M's
     original, so a matrix with only ``none`` trains one SAE and collects each split once."""
