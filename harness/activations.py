@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -51,6 +52,9 @@ class ShardedActivations:
         self.n_tokens = int(meta["n_tokens"])
         self.d_in = int(meta["d_in"])
         self.shards: list[str] = list(meta["shards"])
+        # wall time of the model pass that collected them (shared by the hooks collected together); None for
+        # caches written before it was recorded
+        self.seconds: float | None = meta.get("seconds")
 
     def iter_batches(self, batch_size: int, *, shuffle: bool = False, seed: int = 0) -> Iterator[torch.Tensor]:
         shard_order = _order(len(self.shards), shuffle, seed)
@@ -135,6 +139,7 @@ def _collect_missing(cache, model, tokenizer, blocks, hooks, keys, device, batch
     tmp_dirs = {h: Path(tempfile.mkdtemp(prefix=".collect.", dir=_ensure(cache.root / "activations"))) for h in hooks}
     try:
         writers = {h: _ShardWriter(tmp_dirs[h], shard_tokens) for h in hooks}
+        start_time = time.perf_counter()
         with tqdm(total=blocks.numel(), unit="tok", desc=desc, disable=not progress) as bar:
             for start in range(0, len(blocks), batch_blocks):
                 ids = blocks[start : start + batch_blocks].to(device)
@@ -143,8 +148,9 @@ def _collect_missing(cache, model, tokenizer, blocks, hooks, keys, device, batch
                 for h in hooks:
                     writers[h].add(acts[h][keep])
                 bar.update(ids.numel())
+        seconds = time.perf_counter() - start_time
         for h in hooks:
-            meta = writers[h].meta()
+            meta = {**writers[h].meta(), "seconds": seconds}
             cache.put("activations", keys[h], lambda d, h=h: _move_into(tmp_dirs[h], d, meta))
     finally:
         for d in tmp_dirs.values():

@@ -36,7 +36,9 @@ ABLATION_NOTE = (
 )
 COST_NOTE = (
     "Seconds to obtain the SAE: training for `original` (paid once, on M, whatever the compression) and "
-    "`retrained`; calibration + pruning for `pruned:*` (the original's training not included)."
+    "`retrained`; calibration + pruning for `pruned:*` (the original's training not included). Activation "
+    "seconds: the model pass that collected the activations it was trained or calibrated on (M's for "
+    "`original`; shared by the hooks collected in the same pass)."
 )
 
 
@@ -248,9 +250,11 @@ def cost_table(results: list[CellResult]) -> str:
     if not cells:
         return ""
     metrics = [m for m in COST_METRICS if any(m in r.metrics for r in cells)]
-    header = ["hook", "sae", "compression", "source", "seconds to obtain", "tokens", *map(_header, metrics), "note"]
+    header = ["hook", "sae", "compression", "source", "seconds to obtain", "tokens", "activation seconds",
+              *map(_header, metrics), "note"]
     rows = [[r.cell["hook"], r.cell["sae"], r.cell["compression"], r.cell["source"], obtain_seconds(r),
-             obtain_tokens(r), *[metric(r, m) for m in metrics], _status_note(r)] for r in cells]
+             obtain_tokens(r), r.cost.get("activation_seconds"), *[metric(r, m) for m in metrics], _status_note(r)]
+            for r in cells]
     return _table(header, rows)
 
 

@@ -256,7 +256,8 @@ class Runner:
             self.cache.put("saes", key, write)
         meta = self.cache.meta("saes", key)
         sae = load_sae(self.cache.dir("saes", key), self._architectures()).to(ctx.device).eval()
-        return SAEArtifact(sae, {"sae_seconds": meta["seconds"], "sae_tokens": meta["tokens"]}, key)
+        return SAEArtifact(sae, {"sae_seconds": meta["seconds"], "sae_tokens": meta["tokens"],
+                                 **_activation_cost(acts)}, key)
 
     def _pruned_sae(self, ctx: "_Context", source: Source, base: ModelState, target: ModelState, sae_name: str,
                     hook: HookPoint) -> SAEArtifact:
@@ -279,7 +280,8 @@ class Runner:
         meta = self.cache.meta("saes", key)
         sae = load_sae(self.cache.dir("saes", key), self._architectures()).to(ctx.device).eval()
         cost = {"sae_seconds": meta["seconds"], "sae_tokens": meta["tokens"], "prune_seconds": meta["seconds"],
-                "calibration_tokens": meta["tokens"], "original_sae_seconds": original.cost["sae_seconds"]}
+                "calibration_tokens": meta["tokens"], "original_sae_seconds": original.cost["sae_seconds"],
+                **_activation_cost(calibration)}
         details = {"pruning": {"strategy": source.strategy, "sparsity": source.sparsity, "achieved": meta["achieved"]}}
         return SAEArtifact(sae, cost, key, details)
 
@@ -329,6 +331,11 @@ class Runner:
             state.lm = self.cache.meta("lm", key)
         return {"model_ce": state.lm["ce"], "model_ppl": state.lm["ppl"]}
 
+
+
+def _activation_cost(acts: ShardedActivations) -> dict[str, float]:
+    """Seconds of the model pass that collected the activations an SAE was trained or calibrated on."""
+    return {} if acts.seconds is None else {"activation_seconds": acts.seconds}
 
 
 def _merge(values: dict[str, float], found: dict[str, float], metric: str) -> None:

@@ -39,8 +39,9 @@ def cell(source: str, compression: str | None, *, hook: str = HOOK, matrix: str 
 
 def cost(source: str) -> dict:
     if source.startswith("pruned:"):
-        return {"sae_seconds": 600.0, "sae_tokens": 4e6, "prune_seconds": 3.0, "calibration_tokens": 16384.0}
-    return {"sae_seconds": 600.0 if source == "original" else 540.0, "sae_tokens": 4e6}
+        return {"sae_seconds": 600.0, "sae_tokens": 4e6, "prune_seconds": 3.0, "calibration_tokens": 16384.0,
+                "activation_seconds": 12.0}
+    return {"sae_seconds": 600.0 if source == "original" else 540.0, "sae_tokens": 4e6, "activation_seconds": 75.0}
 
 
 def compression_details(name: str) -> dict:
@@ -127,8 +128,8 @@ def test_a_loaded_sae_is_a_reference_and_has_a_transfer_gap(tmp_path):
 
 def test_cost_table_uses_pruning_seconds_for_pruned_sources():
     table = section_of(markdown("matrix paper", synthetic_results()), "### Cost vs quality")
-    assert row_of(table, "wanda-50", "pruned:wanda@0.5")[4:8] == ["3", "1.638e+04", "0.74", "0.88"]
-    assert row_of(table, "wanda-50", "retrained")[4] == "540"
+    assert row_of(table, "wanda-50", "pruned:wanda@0.5")[4:9] == ["3", "1.638e+04", "12", "0.74", "0.88"]
+    assert row_of(table, "wanda-50", "retrained")[4:7] == ["540", "4e+06", "75"]
 
 
 def test_failed_cell_shows_the_first_line_of_its_error():

@@ -98,6 +98,7 @@ def test_matrix_runs_every_cell_with_verified_compression(tmp_path, registry_fil
         assert pruned.metrics["explained_variance"] != on_m["explained_variance"]
         assert pruned.metrics["ce_clean"] != on_m["ce_clean"]  # scored against M_c's own clean run
         assert pruned.cost["sae_seconds"] == cells[(hook, "original", None)].cost["sae_seconds"] > 0
+        assert cells[(hook, "retrained", "mag")].cost["activation_seconds"] > 0  # M_c's collection pass
 
 
 def test_rerun_skips_finished_cells_and_overwrites_nothing(tmp_path, registry_file):
