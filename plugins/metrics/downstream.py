@@ -37,12 +37,12 @@ class _Pooled:
         self.n_ce = 0
         self.n_kl = 0
 
-    def add(self, logp: torch.Tensor, clean_logp: torch.Tensor, has_target: torch.Tensor,
+    def add(self, logp: torch.Tensor, clean_logp: torch.Tensor, clean_p: torch.Tensor, has_target: torch.Tensor,
             targets: torch.Tensor) -> None:
-        """``logp``/``clean_logp``: [n, vocab] at the scored positions; ``has_target`` [n] marks the rows that
-        predict ``targets``."""
+        """``logp``/``clean_logp``: [n, vocab] at the scored positions, ``clean_p`` = ``clean_logp.exp()``;
+        ``has_target`` [n] marks the rows that predict ``targets``."""
         self.ce += float(F.nll_loss(logp[has_target], targets, reduction="sum").double())
-        self.kl += float((clean_logp.exp() * (clean_logp - logp)).sum().double())
+        self.kl += float((clean_p * (clean_logp - logp)).sum().double())
         self.n_ce += len(targets)
         self.n_kl += len(logp)
 
@@ -104,10 +104,11 @@ class CEKL:
                 return F.log_softmax(logits[scored].float(), dim=-1)
 
             clean = logp(None, None)
-            pooled["clean"].add(clean, clean, has_target, targets)
+            clean_p = clean.exp()  # once per batch, not per variant
+            pooled["clean"].add(clean, clean, clean_p, has_target, targets)
             for name, fn in variants.items():
                 mask = None if name == "ablated" and params.ablate_at == "all" else scored
-                pooled[name].add(logp(fn, mask), clean, has_target, targets)
+                pooled[name].add(logp(fn, mask), clean, clean_p, has_target, targets)
         clean, results = pooled["clean"], {}
         for label in ctx.saes:
             sae = pooled[label]
