@@ -78,7 +78,8 @@ def compress_verified(
         exc.details = {**details, "layers": [r.model_dump() for r in exc.report]}  # type: ignore[attr-defined]
         raise
     details["layers"] = [r.model_dump() for r in report]
-    keep_weights = _reloadable(base, model)
+    # an unchanged model (`none`) is rebuilt by a copy of M in a second: no need to store M's weights again
+    keep_weights = not expectation.unchanged and _reloadable(base, model)
 
     def write(tmp: Path) -> dict:
         if keep_weights:

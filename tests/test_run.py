@@ -267,6 +267,7 @@ def test_none_shares_the_activations_and_saes_of_m(tmp_path, registry_file):
     cache = tmp_path / "cache"
     assert len(list((cache / "saes").iterdir())) == 1
     assert len(list((cache / "activations").iterdir())) == 2  # train and eval of M (no calibration needed)
+    assert not list((cache / "compressed").rglob("*.safetensors"))  # M's weights are not stored again for it
     original = results[("layers.1.resid_post", "original", None)]
     retrained = results[("layers.1.resid_post", "retrained", "id")]
     assert {k: retrained.metrics[k] for k in original.metrics} == original.metrics and retrained.cost == original.cost
