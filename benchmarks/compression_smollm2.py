@@ -15,15 +15,15 @@ import time
 
 import torch
 
-from harness.cli import PROJECT_REGISTRY
-from harness.corpus import pack
-from harness.language_model import next_token_loss
-from harness.plugins import load_plugins
-from harness.protocols import CompressionContext, NoParams
-from harness.registry import load_registry
-from harness.verify import clone_weights, linear_layers, verify
-from plugins.corpora.kjv import KJV
-from plugins.models.smollm2 import SmolLM2
+from saex.cli import PROJECT_REGISTRY
+from saex.corpus import pack
+from saex.language_model import next_token_loss
+from saex.manager import load_plugins
+from saex.plugins.corpora.kjv import KJV
+from saex.plugins.models.smollm2 import SmolLM2
+from saex.protocols import CompressionContext, NoParams
+from saex.registry import load_registry
+from saex.verify import clone_weights, linear_layers, verify
 
 
 def main(names: list[str]) -> None:

@@ -1,7 +1,7 @@
 """Benchmarks report speed as ratios against a baseline measured in the same run (never timed asserts)."""
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -19,6 +19,6 @@ def best_of(fn: Callable[[], object], repeats: int = 3) -> float:
 
 @pytest.fixture(scope="session")
 def smollm2():
-    from plugins.models.smollm2 import SmolLM2
+    from saex.plugins.models.smollm2 import SmolLM2
 
     return SmolLM2().load(SmolLM2.Params(), torch.device("cpu"))

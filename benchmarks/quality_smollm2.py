@@ -19,15 +19,15 @@ from pathlib import Path
 
 import torch
 
-from harness.activations import TensorActivations, collect_activations
-from harness.assets import saex_home
-from harness.cache import Cache
-from harness.corpus import token_blocks
-from harness.hookpoints import parse_hook
-from harness.plugins import load_plugins
-from harness.protocols import MetricContext
-from harness.registry import load_registry
-from harness.training import train_sae
+from saex.activations import TensorActivations, collect_activations
+from saex.assets import saex_home
+from saex.cache import Cache
+from saex.corpus import token_blocks
+from saex.hookpoints import parse_hook
+from saex.manager import load_plugins
+from saex.protocols import MetricContext
+from saex.registry import load_registry
+from saex.training import train_sae
 
 PROJECT_REGISTRY = Path(__file__).resolve().parent.parent / "registry.yaml"
 TOKENS = {"train": 409_600, "calibration": 8192, "eval": 32_768}  # block budgets; --train-blocks takes a prefix
@@ -48,15 +48,26 @@ def main() -> None:
     cache, device = Cache(saex_home() / "cache"), torch.device("cpu")
     loaded = plugins.get("model", "smollm2").load(plugins.get("model", "smollm2").Params(), device)
     corpus = plugins.get("corpus", "kjv")
-    blocks = token_blocks(cache, lambda: corpus.documents(corpus.Params()), corpus.fingerprint(corpus.Params()),
-                          loaded.tokenizer, 128, TOKENS)
+    blocks = token_blocks(
+        cache,
+        lambda: corpus.documents(corpus.Params()),
+        corpus.fingerprint(corpus.Params()),
+        loaded.tokenizer,
+        128,
+        TOKENS,
+    )
     hook = parse_hook(args.hook)
     acts = {}
     for split, ids in (("train", blocks.split("train")[: args.train_blocks]), ("eval", blocks.split("eval"))):
-        parts = {"model": loaded.fingerprint, "dtype": "float32", "tokens": blocks.key,
-                 "split": f"{split}[:{ids.shape[0]}]"}
-        acts[split] = collect_activations(cache, loaded.model, loaded.tokenizer, ids, [hook], parts,
-                                          device=device, desc=f"activations {split}")[hook]
+        parts = {
+            "model": loaded.fingerprint,
+            "dtype": "float32",
+            "tokens": blocks.key,
+            "split": f"{split}[:{ids.shape[0]}]",
+        }
+        acts[split] = collect_activations(
+            cache, loaded.model, loaded.tokenizer, ids, [hook], parts, device=device, desc=f"activations {split}"
+        )[hook]
     x_eval = torch.cat(list(acts["eval"].iter_batches(8192)))
     norms = x_eval.norm(dim=-1)
     typical = TensorActivations(x_eval[norms < 10 * norms.median()])
@@ -64,18 +75,34 @@ def main() -> None:
 
     for name in args.saes:
         entry = registry.saes[name]
-        sae = plugins.get("sae", entry.plugin).build(acts["train"].d_in, registry.params("saes", name, plugins),
-                                                     seed=args.seed)
+        sae = plugins.get("sae", entry.plugin).build(
+            acts["train"].d_in, registry.params("saes", name, plugins), seed=args.seed
+        )
         result = train_sae(sae, acts["train"], entry.training, device=device, progress=False)
         sae.eval()
-        scores = {label: metric.compute(MetricContext(sae, source, device), metric.Params())
-                  for label, source in (("eval", acts["eval"]), ("eval_typical", typical))}
-        print(json.dumps({
-            "sae": name, "architecture": entry.plugin, "hook": args.hook, "train_tokens_unique": acts["train"].n_tokens,
-            "tokens": result.tokens, "seconds": round(result.seconds, 1),
-            **{f"{label}_{k}": round(v, 4) for label, s in scores.items() for k, v in s.items()
-               if k in ("explained_variance", "l0", "dead_frac", "cos")},
-        }), flush=True)
+        scores = {
+            label: metric.compute(MetricContext(sae, source, device), metric.Params())
+            for label, source in (("eval", acts["eval"]), ("eval_typical", typical))
+        }
+        print(
+            json.dumps(
+                {
+                    "sae": name,
+                    "architecture": entry.plugin,
+                    "hook": args.hook,
+                    "train_tokens_unique": acts["train"].n_tokens,
+                    "tokens": result.tokens,
+                    "seconds": round(result.seconds, 1),
+                    **{
+                        f"{label}_{k}": round(v, 4)
+                        for label, s in scores.items()
+                        for k, v in s.items()
+                        if k in ("explained_variance", "l0", "dead_frac", "cos")
+                    },
+                }
+            ),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

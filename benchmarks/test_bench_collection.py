@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from benchmarks.conftest import best_of
-from harness.hookpoints import capture, parse_hook
+from saex.hookpoints import capture, parse_hook
 
 
 @pytest.mark.parametrize("hook", ["layers.3.resid_post", "layers.9.resid_post", "layers.20.resid_post"])
@@ -24,10 +24,12 @@ def test_early_stop_collection_speedup(benchmark, smollm2, hook):
     baseline = best_of(full)
     benchmark.pedantic(early, rounds=3, iterations=1)
     ratio = baseline / benchmark.stats.stats.min
-    benchmark.extra_info.update({
-        "tokens_per_call": ids.numel(),
-        "full_forward_tok_per_s": ids.numel() / baseline,
-        "early_stop_tok_per_s": ids.numel() / benchmark.stats.stats.min,
-        "speedup_vs_full_forward": ratio,
-    })
+    benchmark.extra_info.update(
+        {
+            "tokens_per_call": ids.numel(),
+            "full_forward_tok_per_s": ids.numel() / baseline,
+            "early_stop_tok_per_s": ids.numel() / benchmark.stats.stats.min,
+            "speedup_vs_full_forward": ratio,
+        }
+    )
     print(f"\n{hook}: early stop {ratio:.2f}x a full forward ({ids.numel() / benchmark.stats.stats.min:.0f} tok/s)")

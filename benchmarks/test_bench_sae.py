@@ -16,14 +16,14 @@ autocast) against SAELens in fp32. docs/PERFORMANCE.md records the figures.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 import torch
 
 from benchmarks.conftest import best_of
-from harness.plugins import load_plugins
-from harness.sae import SAE
+from saex.manager import load_plugins
+from saex.sae import SAE
 
 D_IN, D_SAE, BATCH, K = 576, 8192, 4096, 32
 SPARSE = {"topk", "batchtopk"}  # architectures whose training needs only the encoder forward to be dense
@@ -92,9 +92,15 @@ def saelens_step(name: str, x_scaled: torch.Tensor) -> Callable[[], None] | None
     dead = torch.zeros(D_SAE, dtype=torch.bool)
 
     def step() -> None:
-        out = lens.training_forward_pass(TrainStepInput(sae_in=x_scaled, coefficients=coefficients,
-                                                        dead_neuron_mask=dead, n_training_steps=0,
-                                                        is_logging_step=False))
+        out = lens.training_forward_pass(
+            TrainStepInput(
+                sae_in=x_scaled,
+                coefficients=coefficients,
+                dead_neuron_mask=dead,
+                n_training_steps=0,
+                is_logging_step=False,
+            )
+        )
         out.loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -139,10 +145,21 @@ def test_sae_training_speed(benchmark, name):
     if lens is not None:
         lens()  # warm-up
         lens_tok_s = BATCH / best_of(lens, repeats=2)
-        info |= {"saelens_tok_per_s": lens_tok_s, "ratio_to_saelens": ours / lens_tok_s,
-                 "bf16_ratio_to_saelens_fp32": info["bf16_tok_per_s"] / lens_tok_s}  # type: ignore[operator]
+        info |= {
+            "saelens_tok_per_s": lens_tok_s,
+            "ratio_to_saelens": ours / lens_tok_s,
+            "bf16_ratio_to_saelens_fp32": info["bf16_tok_per_s"] / lens_tok_s,
+        }  # type: ignore[operator]
     benchmark.extra_info.update(info)
-    vs = (f", {info['ratio_to_saelens']:.2f}x SAELens ({info['saelens_tok_per_s']:,.0f}), "
-          f"bf16 {info['bf16_ratio_to_saelens_fp32']:.2f}x") if lens is not None else ""
-    print(f"\n{name}: {ours:,.0f} tok/s fp32 ({ours / bound:.0%} of the {flop_per_token // (D_IN * D_SAE)}"
-          f"*d_in*d_sae bound at {rate / 1e9:.0f} GFLOP/s){vs}; bf16 {info['bf16_tok_per_s']:,.0f} tok/s")
+    vs = (
+        (
+            f", {info['ratio_to_saelens']:.2f}x SAELens ({info['saelens_tok_per_s']:,.0f}), "
+            f"bf16 {info['bf16_ratio_to_saelens_fp32']:.2f}x"
+        )
+        if lens is not None
+        else ""
+    )
+    print(
+        f"\n{name}: {ours:,.0f} tok/s fp32 ({ours / bound:.0%} of the {flop_per_token // (D_IN * D_SAE)}"
+        f"*d_in*d_sae bound at {rate / 1e9:.0f} GFLOP/s){vs}; bf16 {info['bf16_tok_per_s']:,.0f} tok/s"
+    )

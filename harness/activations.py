@@ -6,17 +6,17 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
-from harness.cache import Cache, cache_key
-from harness.corpus import special_mask
-from harness.hookpoints import HookPoint, capture
+from saex.cache import Cache, cache_key
+from saex.corpus import special_mask
+from saex.hookpoints import HookPoint, capture
 
 
 class TensorActivations:
@@ -101,7 +101,9 @@ def collect_activations(
     if missing:
         if not isinstance(model, nn.Module):
             model = model()
-        _collect_missing(cache, model, tokenizer, blocks, missing, keys, device, batch_blocks, shard_tokens, desc, progress)
+        _collect_missing(
+            cache, model, tokenizer, blocks, missing, keys, device, batch_blocks, shard_tokens, desc, progress
+        )
     return {h: ShardedActivations(cache.dir("activations", keys[h]), cache.meta("activations", keys[h])) for h in hooks}
 
 
@@ -135,7 +137,9 @@ class _ShardWriter:
         return {"n_tokens": self.n_tokens, "d_in": self.d_in, "shards": self.shards}
 
 
-def _collect_missing(cache, model, tokenizer, blocks, hooks, keys, device, batch_blocks, shard_tokens, desc, progress) -> None:
+def _collect_missing(
+    cache, model, tokenizer, blocks, hooks, keys, device, batch_blocks, shard_tokens, desc, progress
+) -> None:
     tmp_dirs = {h: Path(tempfile.mkdtemp(prefix=".collect.", dir=_ensure(cache.root / "activations"))) for h in hooks}
     try:
         writers = {h: _ShardWriter(tmp_dirs[h], shard_tokens) for h in hooks}
@@ -151,7 +155,7 @@ def _collect_missing(cache, model, tokenizer, blocks, hooks, keys, device, batch
         seconds = time.perf_counter() - start_time
         for h in hooks:
             meta = {**writers[h].meta(), "seconds": seconds}
-            cache.put("activations", keys[h], lambda d, h=h: _move_into(tmp_dirs[h], d, meta))
+            cache.put("activations", keys[h], lambda d, h=h, meta=meta: _move_into(tmp_dirs[h], d, meta))
     finally:
         for d in tmp_dirs.values():
             shutil.rmtree(d, ignore_errors=True)

@@ -10,10 +10,11 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from harness.models import file_digest
+from saex.models import file_digest
 
 MANIFEST = "manifest.json"
 
@@ -44,7 +45,9 @@ class Cache:
         if bad:
             aside = path.with_name(f"{key}.corrupt-{time.time_ns()}-{os.getpid()}")
             os.replace(path, aside)
-            print(f"saex: cached {kind}/{key} failed verification ({', '.join(bad)}); moved to {aside}", file=sys.stderr)
+            print(
+                f"saex: cached {kind}/{key} failed verification ({', '.join(bad)}); moved to {aside}", file=sys.stderr
+            )
             return None
         return path
 

@@ -11,14 +11,14 @@ import os
 import sys
 from pathlib import Path
 
-from harness.assets import AssetError, kjv_jsonl, saex_home, smollm2_dir
-from harness.cache import Cache
-from harness.matrix import expand
-from harness.plugins import KIND_HOOKS, PluginError, Plugins, load_plugins
-from harness.registry import Registry, RegistryError, load_registry
-from harness.report import ReportExists, Section, markdown, write_report
-from harness.run import Runner
-from harness.store import ResultsStore
+from saex.assets import AssetError, kjv_jsonl, saex_home, smollm2_dir
+from saex.cache import Cache
+from saex.manager import KIND_HOOKS, PluginError, Plugins, load_plugins
+from saex.matrix import expand
+from saex.registry import Registry, RegistryError, load_registry
+from saex.report import ReportExists, Section, markdown, write_report
+from saex.run import Runner
+from saex.store import ResultsStore
 
 PROJECT_REGISTRY = Path(__file__).resolve().parent.parent / "registry.yaml"
 DEFAULT_STORE = Path("results") / "saex.sqlite"
@@ -29,12 +29,21 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def with_registry(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--registry", action="append", type=Path, default=[],
-                       help="extra registry file merged with the project's (repeatable)")
+        p.add_argument(
+            "--registry",
+            action="append",
+            type=Path,
+            default=[],
+            help="extra registry file merged with the project's (repeatable)",
+        )
 
     def with_store(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--store", type=Path, default=Path(os.environ.get("SAEX_STORE", DEFAULT_STORE)),
-                       help=f"results database (default {DEFAULT_STORE}, or $SAEX_STORE)")
+        p.add_argument(
+            "--store",
+            type=Path,
+            default=Path(os.environ.get("SAEX_STORE", DEFAULT_STORE)),
+            help=f"results database (default {DEFAULT_STORE}, or $SAEX_STORE)",
+        )
 
     sub.add_parser("setup", help="fetch and prepare the embedded model and corpus (idempotent)")
     p = sub.add_parser("plugins", help="list every plugin component: kind, name, source, params schema")
@@ -89,8 +98,18 @@ def cmd_plugins(args: argparse.Namespace) -> int:
             registered = plugins.components[kind][name]
             schema = registered.component.Params.model_json_schema()
             if args.json:
-                print(json.dumps({"kind": kind, "name": name, "plugin": registered.plugin, "source": registered.source,
-                                  "description": registered.component.description, "params": schema}))
+                print(
+                    json.dumps(
+                        {
+                            "kind": kind,
+                            "name": name,
+                            "plugin": registered.plugin,
+                            "source": registered.source,
+                            "description": registered.component.description,
+                            "params": schema,
+                        }
+                    )
+                )
                 continue
             fields = ", ".join(
                 f"{f}: {spec.get('type', spec.get('anyOf', [{}])[0].get('type', 'object'))}"
@@ -116,8 +135,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     registry = _registry(args, plugins)
     registry.matrix(args.matrix)
     store = ResultsStore(args.store)
-    runner = Runner(plugins, registry, store, Cache(saex_home() / "cache"), device=args.device,
-                    progress=not args.no_progress, log=lambda m: print(f"saex: {m}", file=sys.stderr))
+    runner = Runner(
+        plugins,
+        registry,
+        store,
+        Cache(saex_home() / "cache"),
+        device=args.device,
+        progress=not args.no_progress,
+        log=lambda m: print(f"saex: {m}", file=sys.stderr),
+    )
     results = runner.run(args.matrix)
     print(markdown(f"matrix {args.matrix}", results))
     print(f"results stored in {args.store}")
@@ -141,7 +167,9 @@ def cmd_report(args: argparse.Namespace) -> int:
         note = f"{missing} of {len(cells)} cells have no result yet." if missing else ""
         sections = [Section(f"matrix {args.matrix}", results, note)]
     else:
-        sections = [Section(f"matrix {name}", list(store.rows(name))) for name in sorted({r.matrix for r in store.rows()})]
+        sections = [
+            Section(f"matrix {name}", list(store.rows(name))) for name in sorted({r.matrix for r in store.rows()})
+        ]
     if not args.out:
         for section in sections:
             print(markdown(section.title, section.results, layers=args.layers, note=section.note))

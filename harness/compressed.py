@@ -18,9 +18,9 @@ from pydantic import BaseModel
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from harness.cache import Cache, cache_key
-from harness.protocols import CompressionContext, Compressor
-from harness.verify import CompressionMismatch, clone_weights, linear_layers, verify
+from saex.cache import Cache, cache_key
+from saex.protocols import CompressionContext, Compressor
+from saex.verify import CompressionMismatch, clone_weights, linear_layers, verify
 
 COMPRESSED_VERSION = 1
 WEIGHTS = "weights.safetensors"
@@ -45,20 +45,38 @@ def _has_own_forward(module: nn.Module) -> bool:
 def _reloadable(base: nn.Module, compressed: nn.Module) -> bool:
     """True when a copy of ``base`` plus ``compressed``'s state dict is the compressed model: the same module
     types, the same state-dict keys, and no module with a forward of its own (e.g. W8A8's input quantization)."""
-    same_types = [(n, type(m)) for n, m in base.named_modules()] == [(n, type(m)) for n, m in compressed.named_modules()]
+    same_types = [(n, type(m)) for n, m in base.named_modules()] == [
+        (n, type(m)) for n, m in compressed.named_modules()
+    ]
     own_forward = any(_has_own_forward(m) for m in compressed.modules())
     return same_types and not own_forward and base.state_dict().keys() == compressed.state_dict().keys()
 
 
 def compress_verified(
-    cache: Cache, base: nn.Module, base_identity: dict, name: str, compressor: Compressor, params: BaseModel,
-    ctx: CompressionContext, calibration_key: str, *, allow_mismatch: bool = False,
+    cache: Cache,
+    base: nn.Module,
+    base_identity: dict,
+    name: str,
+    compressor: Compressor,
+    params: BaseModel,
+    ctx: CompressionContext,
+    calibration_key: str,
+    *,
+    allow_mismatch: bool = False,
 ) -> Compressed:
     """M_c for ``name``, from the cache when possible. Raises ``CompressionMismatch`` (with ``.report``) when
     a layer misses what the compression promised, unless ``allow_mismatch``."""
-    key = cache_key({**base_identity, "compression": name, "compressor": compressor.name,
-                     "params": params.model_dump(mode="json"), "calibration": calibration_key, "seed": ctx.seed,
-                     "version": COMPRESSED_VERSION})
+    key = cache_key(
+        {
+            **base_identity,
+            "compression": name,
+            "compressor": compressor.name,
+            "params": params.model_dump(mode="json"),
+            "calibration": calibration_key,
+            "seed": ctx.seed,
+            "version": COMPRESSED_VERSION,
+        }
+    )
     path = cache.get("compressed", key)
     if path is not None and (path / WEIGHTS).exists():
         model = copy.deepcopy(base)

@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
 
 import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from harness.cache import Cache, cache_key
+from saex.cache import Cache, cache_key
 
 SPLITS = ("train", "calibration", "eval")
 _SPLIT_SHARES = (("eval", 10), ("calibration", 5), ("train", 85))
@@ -63,8 +63,9 @@ def _boundary_ids(tokenizer) -> tuple[int, int]:
     return bos, eos
 
 
-def pack(documents: Iterable[str], tokenizer, block_size: int, n_blocks: dict[str, int], *,
-         progress: bool = True) -> dict[str, torch.Tensor]:
+def pack(
+    documents: Iterable[str], tokenizer, block_size: int, n_blocks: dict[str, int], *, progress: bool = True
+) -> dict[str, torch.Tensor]:
     """Pack documents into ``n_blocks[split]`` blocks per split; stops reading once every split is full."""
     bos, eos = _boundary_ids(tokenizer)
     body = block_size - 1
@@ -93,15 +94,26 @@ def pack(documents: Iterable[str], tokenizer, block_size: int, n_blocks: dict[st
 
 
 def token_blocks(
-    cache: Cache, documents: Callable[[], Iterable[str]], corpus_fingerprint: str, tokenizer, block_size: int,
-    tokens: dict[str, int], *, progress: bool = True,
+    cache: Cache,
+    documents: Callable[[], Iterable[str]],
+    corpus_fingerprint: str,
+    tokenizer,
+    block_size: int,
+    tokens: dict[str, int],
+    *,
+    progress: bool = True,
 ) -> TokenBlocks:
     """Token blocks for every split, cached by corpus, tokenizer, block size and budgets."""
     n_blocks = {s: math.ceil(tokens[s] / block_size) for s in SPLITS}
-    key = cache_key({
-        "corpus": corpus_fingerprint, "tokenizer": tokenizer_fingerprint(tokenizer), "block_size": block_size,
-        "n_blocks": n_blocks, "version": 1,
-    })
+    key = cache_key(
+        {
+            "corpus": corpus_fingerprint,
+            "tokenizer": tokenizer_fingerprint(tokenizer),
+            "block_size": block_size,
+            "n_blocks": n_blocks,
+            "version": 1,
+        }
+    )
     path = cache.get("tokens", key)
     if path is None:
 

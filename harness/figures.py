@@ -8,20 +8,30 @@ render without a display and never leak between calls. A figure whose data are a
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from harness.report import (
-    COST_METRICS, GAP_METRICS, compressed, is_pruned, metric, obtain_seconds, panels, references, slug, source_of,
-    source_rank, transfer_gap_rows,
+from saex.report import (
+    COST_METRICS,
+    GAP_METRICS,
+    compressed,
+    is_pruned,
+    metric,
+    obtain_seconds,
+    panels,
+    references,
+    slug,
+    source_of,
+    source_rank,
+    transfer_gap_rows,
 )
-from harness.store import CellResult
+from saex.store import CellResult
 
 DPI = 120
 MAX_COLUMNS = 4
@@ -81,6 +91,7 @@ def _metric_label(name: str) -> str:
 
 # --- (a) a metric against the SAE's pruning sparsity ------------------------------------------------------
 
+
 @dataclass
 class _SparsityPanel:
     compression: str
@@ -106,8 +117,11 @@ def _sparsity_data(results: list[CellResult], name: str, key: Key) -> list[_Spar
             if original is not None:
                 points.append((0.0, original))
             points.sort()
-        lines = {"original on M": reference, "original on M_c": original,
-                 "retrained on M_c": metric(by_source.get("retrained"), name)}
+        lines = {
+            "original on M": reference,
+            "original on M_c": original,
+            "retrained on M_c": metric(by_source.get("retrained"), name),
+        }
         out.append(_SparsityPanel(compression, curves, {k: v for k, v in lines.items() if v is not None}))
     if not out:
         raise NoData(f"no pruned:<strategy>@<s> SAE with {name} for {_describe(key, False)}")
@@ -133,8 +147,11 @@ def sparsity_figure(results: list[CellResult], name: str, key: Key, path: Path) 
         ax.set_ylabel(_metric_label(name))
         ax.grid(alpha=0.3)
     handles = [Line2D([], [], marker="o", color=colors[s], linewidth=2, label=f"pruned: {s}") for s in strategies]
-    handles += [Line2D([], [], label=label, **style) for label, style in REFERENCE_STYLES.items()
-                if any(label in p.lines for p in data)]
+    handles += [
+        Line2D([], [], label=label, **style)
+        for label, style in REFERENCE_STYLES.items()
+        if any(label in p.lines for p in data)
+    ]
     _legend(fig, handles)
     fig.suptitle(f"{name} vs SAE pruning sparsity, per compression: {_describe(key, False)}", fontsize=13)
     return _save(fig, path)
@@ -181,8 +198,9 @@ def transfer_gap_figure(results: list[CellResult], key: Key, path: Path) -> Path
                 ax.bar(x - width / 2, math.nan if on_m is None else on_m, width, color=colors[source][0])
                 ax.bar(x + width / 2, on_mc, width, color=colors[source][1])
                 if on_m is not None:
-                    ax.text(x, max(on_m, on_mc, 0.0) + pad, f"Δ {on_mc - on_m:+.3f}", ha="center", va="bottom",
-                            fontsize=8)
+                    ax.text(
+                        x, max(on_m, on_mc, 0.0) + pad, f"Δ {on_mc - on_m:+.3f}", ha="center", va="bottom", fontsize=8
+                    )
         ax.set_ylim(bottom - (pad if bottom < 0 else 0), top + 5 * pad)
         ax.set_xticks(range(len(compressions)), compressions, rotation=30, ha="right")
         ax.set_xlabel("compression")
@@ -190,14 +208,18 @@ def transfer_gap_figure(results: list[CellResult], key: Key, path: Path) -> Path
         ax.set_title(name, fontsize=11)
         ax.axhline(0, color="black", linewidth=0.6)
         ax.grid(axis="y", alpha=0.3)
-    handles = [Line2D([], [], color=colors[s][j], linewidth=8, label=f"{s} SAE on {target}")
-               for s in sources for j, target in enumerate(("M", "M_c"))]
+    handles = [
+        Line2D([], [], color=colors[s][j], linewidth=8, label=f"{s} SAE on {target}")
+        for s in sources
+        for j, target in enumerate(("M", "M_c"))
+    ]
     _legend(fig, handles)
     fig.suptitle(f"Transfer gap per compression: {_describe(key, False)}", fontsize=13)
     return _save(fig, path)
 
 
 # --- (c) cost vs quality ------------------------------------------------------------------------------------
+
 
 def _cost_data(results: list[CellResult], name: str, key: Key) -> list[tuple[str, list[tuple[str, float, float]]]]:
     """[(compression, [(source, seconds, value)])] for the SAEs scored on M_c."""
@@ -228,16 +250,26 @@ def cost_quality_figure(results: list[CellResult], name: str, key: Key, path: Pa
         if reference is not None:
             ax.axhline(reference, **REFERENCE_STYLES["original on M"])
         for source, seconds, value in points:
-            ax.scatter(seconds, value, s=70, color=colors[source], marker=markers[source], edgecolor="black",
-                       linewidth=0.5, zorder=3)
+            ax.scatter(
+                seconds,
+                value,
+                s=70,
+                color=colors[source],
+                marker=markers[source],
+                edgecolor="black",
+                linewidth=0.5,
+                zorder=3,
+            )
         ax.set_xscale("log")
         ax.margins(x=0.25, y=0.15)
         ax.set_title(compression, fontsize=11)
         ax.set_xlabel("seconds to obtain the SAE (log)")
         ax.set_ylabel(_metric_label(name))
         ax.grid(alpha=0.3, which="both")
-    handles = [Line2D([], [], linestyle="", marker=markers[s], markersize=9, color=colors[s],
-                      markeredgecolor="black", label=s) for s in sources]
+    handles = [
+        Line2D([], [], linestyle="", marker=markers[s], markersize=9, color=colors[s], markeredgecolor="black", label=s)
+        for s in sources
+    ]
     if reference is not None:
         handles.append(Line2D([], [], label="original on M", **REFERENCE_STYLES["original on M"]))
     _legend(fig, handles)
@@ -250,7 +282,9 @@ def cost_quality_figure(results: list[CellResult], name: str, key: Key, path: Pa
 Draw = Callable[[Path], Path]
 
 
-def plan(results: list[CellResult], out_dir: Path, prefix: str = "") -> tuple[list[tuple[str, Path, Draw]], list[tuple[str, str]]]:
+def plan(
+    results: list[CellResult], out_dir: Path, prefix: str = ""
+) -> tuple[list[tuple[str, Path, Draw]], list[tuple[str, str]]]:
     """The figures these results support: ``(title, path, draw)`` to draw and ``(title, reason)`` skipped.
 
     A figure kind with no data anywhere gives one skip note; a (hook, sae) lacking data while others have it
@@ -266,8 +300,14 @@ def plan(results: list[CellResult], out_dir: Path, prefix: str = "") -> tuple[li
         parts = [kind, metric_name, hook, sae, model if many_models else None]
         return Path(out_dir) / (prefix + "-".join(slug(p) for p in parts if p) + ".png")
 
-    def add(title_of: Callable[[Key], str], check: Callable[[Key], object], make: Callable[[Key, Path], Path],
-            kind: str, metric_name: str | None, absent: str) -> None:
+    def add(
+        title_of: Callable[[Key], str],
+        check: Callable[[Key], object],
+        make: Callable[[Key, Path], Path],
+        kind: str,
+        metric_name: str | None,
+        absent: str,
+    ) -> None:
         found, missing = [], []
         for key in keys:
             try:
@@ -286,19 +326,36 @@ def plan(results: list[CellResult], out_dir: Path, prefix: str = "") -> tuple[li
     has = {m for r in results for m in r.metrics}
     has_pruned = any(is_pruned(r) for r in results)
     for name in SPARSITY_METRICS:
-        absent = (f"no cell has {name}" if name not in has else
-                  "no pruned:<strategy>@<s> SAE sources in these results" if not has_pruned else
-                  f"no pruned SAE has {name}")
-        add(lambda key, n=name: f"{n} vs SAE pruning sparsity" + (f" ({_describe(key, many_models)})" if key else ""),
+        absent = (
+            f"no cell has {name}"
+            if name not in has
+            else "no pruned:<strategy>@<s> SAE sources in these results"
+            if not has_pruned
+            else f"no pruned SAE has {name}"
+        )
+        add(
+            lambda key, n=name: f"{n} vs SAE pruning sparsity" + (f" ({_describe(key, many_models)})" if key else ""),
             lambda key, n=name: _sparsity_data(results, n, key),
-            lambda key, p, n=name: sparsity_figure(results, n, key, p), "sparsity", name, absent)
-    add(lambda key: "Transfer gap per compression" + (f" ({_describe(key, many_models)})" if key else ""),
-        lambda key: _gap_data(results, key), lambda key, p: transfer_gap_figure(results, key, p),
-        "transfer-gap", None, "no SAE scored on both M and a compressed model with "
-        + " / ".join(GAP_METRICS))
+            lambda key, p, n=name: sparsity_figure(results, n, key, p),
+            "sparsity",
+            name,
+            absent,
+        )
+    add(
+        lambda key: "Transfer gap per compression" + (f" ({_describe(key, many_models)})" if key else ""),
+        lambda key: _gap_data(results, key),
+        lambda key, p: transfer_gap_figure(results, key, p),
+        "transfer-gap",
+        None,
+        "no SAE scored on both M and a compressed model with " + " / ".join(GAP_METRICS),
+    )
     for name in COST_METRICS:
-        add(lambda key, n=name: f"Cost vs quality ({n})" + (f", {_describe(key, many_models)}" if key else ""),
+        add(
+            lambda key, n=name: f"Cost vs quality ({n})" + (f", {_describe(key, many_models)}" if key else ""),
             lambda key, n=name: _cost_data(results, n, key),
-            lambda key, p, n=name: cost_quality_figure(results, n, key, p), "cost", name,
-            f"no cell has {name}" if name not in has else "no SAE on M_c with a recorded cost in seconds")
+            lambda key, p, n=name: cost_quality_figure(results, n, key, p),
+            "cost",
+            name,
+            f"no cell has {name}" if name not in has else "no SAE on M_c with a recorded cost in seconds",
+        )
     return draws, skipped

@@ -6,10 +6,11 @@ compression, because it hooks decoder layers and their ``mlp`` / ``self_attn`` c
 
 from __future__ import annotations
 
+import contextlib
 import re
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -30,7 +31,9 @@ class HookPoint:
 def parse_hook(name: str) -> HookPoint:
     match = _HOOK_RE.match(name)
     if not match or match.group(2) not in HOOK_SITES:
-        raise ValueError(f"bad hook point {name!r}; expected layers.<L>.<site> with site one of {', '.join(HOOK_SITES)}")
+        raise ValueError(
+            f"bad hook point {name!r}; expected layers.<L>.<site> with site one of {', '.join(HOOK_SITES)}"
+        )
     return HookPoint(int(match.group(1)), match.group(2))
 
 
@@ -109,11 +112,8 @@ def capture(
 
         return record
 
-    with hooks_attached(model, {h: recorder(h) for h in hooks}), torch.no_grad():
-        try:
-            model(input_ids=input_ids, use_cache=False)
-        except StopForward:
-            pass
+    with hooks_attached(model, {h: recorder(h) for h in hooks}), torch.no_grad(), contextlib.suppress(StopForward):
+        model(input_ids=input_ids, use_cache=False)
     return captured
 
 

@@ -10,12 +10,19 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from harness.corpus import special_mask
+from saex.corpus import special_mask
 
 
 @torch.no_grad()
-def next_token_loss(model: nn.Module, blocks: torch.Tensor, tokenizer, *, device: torch.device,
-                    batch_blocks: int = 8, progress: bool = False) -> dict[str, float]:
+def next_token_loss(
+    model: nn.Module,
+    blocks: torch.Tensor,
+    tokenizer,
+    *,
+    device: torch.device,
+    batch_blocks: int = 8,
+    progress: bool = False,
+) -> dict[str, float]:
     """``{"ce": mean cross-entropy in nats, "ppl": exp(ce), "n_predictions": count}`` over ``blocks``."""
     total, count = 0.0, 0
     for start in tqdm(range(0, len(blocks), batch_blocks), desc="perplexity", disable=not progress, leave=False):

@@ -10,9 +10,9 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 
-from harness.cache import cache_key
-from harness.registry import MatrixEntry, Registry
-from harness.sources import parse_source
+from saex.cache import cache_key
+from saex.registry import MatrixEntry, Registry
+from saex.sources import parse_source
 
 BASE = "base"  # the scored-on value for the uncompressed model
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from pathlib import Path
 
 import torch
 
-from harness.protocols import LoadedModel
+from saex.protocols import LoadedModel
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -31,8 +32,11 @@ def file_digest(path: Path, chunk: int = 1 << 22) -> str:
 
 def directory_fingerprint(directory: Path) -> str:
     """Hash of a model directory's weight and config files (cached beside them, keyed by size and mtime)."""
-    files = sorted(p for p in directory.iterdir()
-                   if p.suffix in {".safetensors", ".bin", ".json"} and p.is_file() and not p.name.startswith("."))
+    files = sorted(
+        p
+        for p in directory.iterdir()
+        if p.suffix in {".safetensors", ".bin", ".json"} and p.is_file() and not p.name.startswith(".")
+    )
     parts = []
     for p in files:
         stat = p.stat()
@@ -44,10 +48,8 @@ def directory_fingerprint(directory: Path) -> str:
         if saved.get("stamp") == stamp:
             return saved["fingerprint"]
     fingerprint = hashlib.sha256("|".join(f"{p.name}:{file_digest(p)}" for p in files).encode()).hexdigest()[:16]
-    try:
+    with contextlib.suppress(OSError):  # read-only model directory: fingerprint again next time
         cache.write_text(json.dumps({"stamp": stamp, "fingerprint": fingerprint}))
-    except OSError:
-        pass  # read-only model directory: fingerprint again next time
     return fingerprint
 
 

@@ -3,8 +3,9 @@ are validated against it) and a one-line ``description`` shown by ``saex plugins
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterator, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 
 import torch
 from pydantic import BaseModel
@@ -12,8 +13,8 @@ from pydantic import BaseModel
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-    from harness.hookpoints import HookPoint
-    from harness.sae import SAE
+    from saex.hookpoints import HookPoint
+    from saex.sae import SAE
 
 
 class Component(Protocol):
@@ -63,7 +64,7 @@ class CompressionContext:
 
 @dataclass
 class CompressionExpectation:
-    """What a compression promises, checked layer by layer after it ran (harness.verify)."""
+    """What a compression promises, checked layer by layer after it ran (saex.verify)."""
 
     sparsity: float | None = None  # fraction of zero weights in every targeted Linear layer
     tolerance: float = 0.01
@@ -101,7 +102,7 @@ class SpliceContext:
     """Everything a splice metric reads: one scored model and hook, its eval token blocks, and every SAE
     scored there (label -> SAE), so the layers before the hook run once for all of them. ``mean_activation``
     [d] is the scored model's mean activation at the hook over its eval tokens (special tokens excluded; at
-    most 100k of them, ``harness.sae.mean_activation``), for a mean-ablation baseline."""
+    most 100k of them, ``saex.sae.mean_activation``), for a mean-ablation baseline."""
 
     model: torch.nn.Module
     hook: "HookPoint"
@@ -172,4 +173,3 @@ class NoParams(BaseModel):
     """For components without parameters: any key given in the registry is an error."""
 
     model_config = {"extra": "forbid"}
-

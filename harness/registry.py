@@ -13,10 +13,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from harness.hookpoints import parse_hook
-from harness.plugins import Kind, Plugins
-from harness.sources import parse_source
-from harness.training import TrainingConfig
+from saex.hookpoints import parse_hook
+from saex.manager import Kind, Plugins
+from saex.sources import parse_source
+from saex.training import TrainingConfig
 
 SECTIONS: dict[str, Kind] = {
     "models": "model",
@@ -25,10 +25,14 @@ SECTIONS: dict[str, Kind] = {
     "saes": "sae",
     "metrics": "metric",
 }
+
+
 class RegistryError(ValueError):
     """Bad registry input: names the file, the YAML path, the value and the valid choices."""
 
-    def __init__(self, file: str | Path, path: str, message: str, value: object = None, choices: list[str] | None = None):
+    def __init__(
+        self, file: str | Path, path: str, message: str, value: object = None, choices: list[str] | None = None
+    ):
         self.file, self.path, self.value, self.choices = str(file), path, value, choices
         text = f"{file}: {path}: {message}"
         if value is not None:
@@ -130,9 +134,9 @@ def _read_file(file: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(file.read_text())
     except FileNotFoundError:
-        raise RegistryError(file, "(file)", "registry file not found")
+        raise RegistryError(file, "(file)", "registry file not found") from None
     except yaml.YAMLError as exc:
-        raise RegistryError(file, "(file)", f"not valid YAML: {exc}")
+        raise RegistryError(file, "(file)", f"not valid YAML: {exc}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -169,9 +173,11 @@ def _validate_entries(merged: dict[str, dict[str, Any]], origins: dict[str, str]
                 err = exc.errors()[0]
                 value = err.get("input") if err["type"] != "missing" else None
                 raise RegistryError(
-                    origins[f"{section}.{name}"], _format_loc(f"{section}.{name}", err["loc"]), err["msg"],
+                    origins[f"{section}.{name}"],
+                    _format_loc(f"{section}.{name}", err["loc"]),
+                    err["msg"],
                     value if not isinstance(value, dict) else None,
-                )
+                ) from None
     return Registry(**validated, origins=origins)
 
 
@@ -181,14 +187,18 @@ def _check_plugins(reg: Registry, plugins: Plugins) -> None:
             where = f"{section}.{name}"
             file = reg.origins[where]
             if entry.plugin not in plugins.names(kind):
-                raise RegistryError(file, f"{where}.plugin", f"no {kind} plugin of that name", entry.plugin, plugins.names(kind))
+                raise RegistryError(
+                    file, f"{where}.plugin", f"no {kind} plugin of that name", entry.plugin, plugins.names(kind)
+                ) from None
             params_model = plugins.get(kind, entry.plugin).Params
             try:
                 params_model(**entry.params)
             except ValidationError as exc:
                 err = exc.errors()[0]
                 choices = list(params_model.model_fields) if err["type"] == "extra_forbidden" else None
-                raise RegistryError(file, _format_loc(f"{where}.params", err["loc"]), err["msg"], err.get("input"), choices)
+                raise RegistryError(
+                    file, _format_loc(f"{where}.params", err["loc"]), err["msg"], err.get("input"), choices
+                ) from None
 
 
 def _check_matrices(reg: Registry, plugins: Plugins) -> None:
@@ -203,12 +213,21 @@ def _check_matrices(reg: Registry, plugins: Plugins) -> None:
         for i, text in enumerate(matrix.sources):
             source = parse_source(text)
             if source.kind == "loaded" and not (Path(source.path).expanduser() / "cfg.json").is_file():
-                raise RegistryError(file, f"matrices.{name}.sources[{i}]", "no saved SAE (cfg.json) at that path", source.path)
+                raise RegistryError(
+                    file, f"matrices.{name}.sources[{i}]", "no saved SAE (cfg.json) at that path", source.path
+                ) from None
             if source.kind == "pruned" and source.strategy not in plugins.names("pruner"):
-                raise RegistryError(file, f"matrices.{name}.sources[{i}]", "no SAE pruning strategy of that name",
-                                    source.strategy, plugins.names("pruner"))
+                raise RegistryError(
+                    file,
+                    f"matrices.{name}.sources[{i}]",
+                    "no SAE pruning strategy of that name",
+                    source.strategy,
+                    plugins.names("pruner"),
+                ) from None
         if matrix.corpus not in reg.corpora:
-            raise RegistryError(file, f"matrices.{name}.corpus", "not defined in corpora", matrix.corpus, sorted(reg.corpora))
+            raise RegistryError(
+                file, f"matrices.{name}.corpus", "not defined in corpora", matrix.corpus, sorted(reg.corpora)
+            ) from None
 
 
 def load_registry(files: list[Path], plugins: Plugins) -> Registry:
@@ -221,4 +240,3 @@ def load_registry(files: list[Path], plugins: Plugins) -> Registry:
     _check_plugins(reg, plugins)
     _check_matrices(reg, plugins)
     return reg
-

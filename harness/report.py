@@ -2,27 +2,46 @@
 
 The tables are grouped per (hook, compression) with the SAEs scored on M (``original``, ``loaded:*``) repeated
 in every group as references; then the transfer gap (the same SAE on M vs on M_c), cost vs quality, the
-compression check, and every cell as stored. ``write_report`` writes ``report.md`` and the figures of ``harness/figures.py`` into a folder
-and never replaces a file there unless asked to (results are never silently overwritten).
+compression check, and every cell as stored. ``write_report`` writes ``report.md`` and the figures of
+``harness/figures.py`` into a folder and never replaces a file there unless asked to (results are never
+silently overwritten).
 """
 
 from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
 
-from harness.matrix import BASE
-from harness.sources import Source, parse_source
-from harness.store import CellResult
+from saex.matrix import BASE
+from saex.sources import Source, parse_source
+from saex.store import CellResult
 
 # Headline metrics first, then the rest in a fixed order; metrics not listed follow, sorted by name.
 METRIC_COLUMNS = (
-    "explained_variance", "ce_loss_score", "ce_loss_score_mean", "kl_div_score", "kl_div_score_mean", "l0",
-    "dead_frac", "dense_frac", "mse", "cos", "l2_ratio", "l1", "ce_clean", "ce_sae", "ce_ablated",
-    "ce_mean_ablated", "kl_sae", "kl_ablated", "kl_mean_ablated", "model_ce", "model_ppl",
+    "explained_variance",
+    "ce_loss_score",
+    "ce_loss_score_mean",
+    "kl_div_score",
+    "kl_div_score_mean",
+    "l0",
+    "dead_frac",
+    "dense_frac",
+    "mse",
+    "cos",
+    "l2_ratio",
+    "l1",
+    "ce_clean",
+    "ce_sae",
+    "ce_ablated",
+    "ce_mean_ablated",
+    "kl_sae",
+    "kl_ablated",
+    "kl_mean_ablated",
+    "model_ce",
+    "model_ppl",
 )
 GAP_METRICS = ("explained_variance", "ce_loss_score", "ce_loss_score_mean", "kl_div_score")
 COST_METRICS = ("explained_variance", "ce_loss_score")
@@ -44,8 +63,9 @@ COST_NOTE = (
 
 # --- reading cells ----------------------------------------------------------------------------------------
 
+
 def source_of(text: str) -> Source | None:
-    """The parsed SAE source, or None for a string ``harness.sources`` does not know (shown, never plotted)."""
+    """The parsed SAE source, or None for a string ``saex.sources`` does not know (shown, never plotted)."""
     try:
         return parse_source(text)
     except ValueError:
@@ -104,8 +124,11 @@ def unique(values: Iterable) -> list:
 
 def references(results: list[CellResult], source: str = "original") -> dict[tuple[str, str, str], CellResult]:
     """``source`` (``original`` unless said) on M per (model, hook, sae): what its cells on M_c are compared with."""
-    return {(r.cell["model"], r.cell["hook"], r.cell["sae"]): r for r in results
-            if on_base(r) and r.cell["source"] == source}
+    return {
+        (r.cell["model"], r.cell["hook"], r.cell["sae"]): r
+        for r in results
+        if on_base(r) and r.cell["source"] == source
+    }
 
 
 def base_rows(results: list[CellResult], model: str, hook: str) -> list[CellResult]:
@@ -134,6 +157,7 @@ def first_line(error: str | None, limit: int = 100) -> str:
 
 
 # --- markdown ---------------------------------------------------------------------------------------------
+
 
 def _fmt(value: object) -> str:
     if isinstance(value, float):
@@ -175,8 +199,18 @@ def cells_table(results: list[CellResult]) -> str:
         c = r.cell
         target = "M" if on_base(r) else f"M_c ({c['compression']})"
         status = r.status if not r.error else f"{r.status}: {first_line(r.error, 80)}"
-        rows.append([c["model"], c["hook"], c["sae"], c["source"], target,
-                     *[r.metrics.get(m) for m in metrics], obtain_seconds(r), status])
+        rows.append(
+            [
+                c["model"],
+                c["hook"],
+                c["sae"],
+                c["source"],
+                target,
+                *[r.metrics.get(m) for m in metrics],
+                obtain_seconds(r),
+                status,
+            ]
+        )
     return _table(header, rows)
 
 
@@ -194,8 +228,17 @@ def group_tables(results: list[CellResult]) -> str:
                 rows_of += sorted((r for r in cells if r.cell["sae"] == sae), key=source_order)
             metrics = _metric_names(rows_of)
             header = ["sae", "source", "scored on", *map(_header, metrics), "seconds to obtain", "note"]
-            rows = [[r.cell["sae"], r.cell["source"], "M" if on_base(r) else "M_c",
-                     *[r.metrics.get(m) for m in metrics], obtain_seconds(r), _status_note(r)] for r in rows_of]
+            rows = [
+                [
+                    r.cell["sae"],
+                    r.cell["source"],
+                    "M" if on_base(r) else "M_c",
+                    *[r.metrics.get(m) for m in metrics],
+                    obtain_seconds(r),
+                    _status_note(r),
+                ]
+                for r in rows_of
+            ]
             where = f"{hook} · {compression or 'no compression'}" + (f" · {model}" if len(models) > 1 else "")
             parts += [f"#### {where}", "", _table(header, rows), ""]
     return "\n".join(parts).rstrip()
@@ -207,12 +250,19 @@ def transfer_gap_rows(results: list[CellResult]) -> list[dict]:
     rows = []
     for model, hook, sae in panels(results):
         for compression, cells in compressed(results, model, hook, sae).items():
-            for transferred in sorted((r for r in cells if (src := source_of(r.cell["source"])) and src.on_base_too),
-                                      key=source_order):
+            for transferred in sorted(
+                (r for r in cells if (src := source_of(r.cell["source"])) and src.on_base_too), key=source_order
+            ):
                 source = transferred.cell["source"]
                 ref = references(results, source).get((model, hook, sae))
-                row: dict = {"model": model, "hook": hook, "sae": sae, "compression": compression, "source": source,
-                             "note": _status_note(transferred) or ("" if ref else f"no {source} on M")}
+                row: dict = {
+                    "model": model,
+                    "hook": hook,
+                    "sae": sae,
+                    "compression": compression,
+                    "source": source,
+                    "note": _status_note(transferred) or ("" if ref else f"no {source} on M"),
+                }
                 for m in GAP_METRICS:
                     on_m, on_mc = metric(ref, m), metric(transferred, m)
                     row[m] = (on_m, on_mc, None if on_m is None or on_mc is None else on_mc - on_m)
@@ -231,8 +281,12 @@ def transfer_gap_table(results: list[CellResult]) -> str:
         header += [f"{_header(m)} on M", "on M_c", "Δ"]
     table = []
     for row in rows:
-        cells: list[object] = ([row["model"]] if multi else []) + [row["hook"], row["sae"], row["compression"],
-                                                                   row["source"]]
+        cells: list[object] = ([row["model"]] if multi else []) + [
+            row["hook"],
+            row["sae"],
+            row["compression"],
+            row["source"],
+        ]
         for m in metrics:
             on_m, on_mc, diff = row[m]
             cells += [on_m, on_mc, _signed(diff)]
@@ -244,17 +298,42 @@ def cost_table(results: list[CellResult]) -> str:
     """Every SAE scored on M_c: what it cost to obtain and how good it is."""
     keys = panels(results)
     compressions = unique(r.cell["compression"] for r in results if not on_base(r))
-    cells = sorted((r for r in results if not on_base(r)),
-                   key=lambda r: (keys.index((r.cell["model"], r.cell["hook"], r.cell["sae"])),
-                                  compressions.index(r.cell["compression"]), source_order(r)))
+    cells = sorted(
+        (r for r in results if not on_base(r)),
+        key=lambda r: (
+            keys.index((r.cell["model"], r.cell["hook"], r.cell["sae"])),
+            compressions.index(r.cell["compression"]),
+            source_order(r),
+        ),
+    )
     if not cells:
         return ""
     metrics = [m for m in COST_METRICS if any(m in r.metrics for r in cells)]
-    header = ["hook", "sae", "compression", "source", "seconds to obtain", "tokens", "activation seconds",
-              *map(_header, metrics), "note"]
-    rows = [[r.cell["hook"], r.cell["sae"], r.cell["compression"], r.cell["source"], obtain_seconds(r),
-             obtain_tokens(r), r.cost.get("activation_seconds"), *[metric(r, m) for m in metrics], _status_note(r)]
-            for r in cells]
+    header = [
+        "hook",
+        "sae",
+        "compression",
+        "source",
+        "seconds to obtain",
+        "tokens",
+        "activation seconds",
+        *map(_header, metrics),
+        "note",
+    ]
+    rows = [
+        [
+            r.cell["hook"],
+            r.cell["sae"],
+            r.cell["compression"],
+            r.cell["source"],
+            obtain_seconds(r),
+            obtain_tokens(r),
+            r.cost.get("activation_seconds"),
+            *[metric(r, m) for m in metrics],
+            _status_note(r),
+        ]
+        for r in cells
+    ]
     return _table(header, rows)
 
 
@@ -274,8 +353,17 @@ def compression_table(results: list[CellResult]) -> str:
     rows = []
     for name, details in seen.items():
         for layer in details.get("layers", []):
-            rows.append([name, layer["name"], "x".join(map(str, layer["shape"])), layer["sparsity"], layer.get("rel_error"),
-                         layer.get("n_m_ok"), layer.get("max_distinct_per_group")])
+            rows.append(
+                [
+                    name,
+                    layer["name"],
+                    "x".join(map(str, layer["shape"])),
+                    layer["sparsity"],
+                    layer.get("rel_error"),
+                    layer.get("n_m_ok"),
+                    layer.get("max_distinct_per_group"),
+                ]
+            )
     header = ["compression", "layer", "shape", "sparsity", "rel. error", "N:M holds", "max distinct / group"]
     return _table(header, rows) if rows else ""
 
@@ -290,11 +378,30 @@ def compression_summary(results: list[CellResult]) -> str:
             n_m = [layer.get("n_m_ok") for layer in layers if layer.get("n_m_ok") is not None]
             distinct = [layer["max_distinct_per_group"] for layer in layers if layer.get("max_distinct_per_group")]
             rel = [layer["rel_error"] for layer in layers if layer.get("rel_error") is not None]
-            rows.append([name, len(sparsities), min(sparsities), sum(sparsities) / len(sparsities), max(sparsities),
-                         max(rel) if rel else None, f"{sum(n_m)}/{len(n_m)}" if n_m else None,
-                         max(distinct) if distinct else None, details.get("seconds")])
-    header = ["compression", "layers", "min sparsity", "mean sparsity", "max sparsity", "max rel. error",
-              "N:M holds", "max distinct / group", "seconds"]
+            rows.append(
+                [
+                    name,
+                    len(sparsities),
+                    min(sparsities),
+                    sum(sparsities) / len(sparsities),
+                    max(sparsities),
+                    max(rel) if rel else None,
+                    f"{sum(n_m)}/{len(n_m)}" if n_m else None,
+                    max(distinct) if distinct else None,
+                    details.get("seconds"),
+                ]
+            )
+    header = [
+        "compression",
+        "layers",
+        "min sparsity",
+        "mean sparsity",
+        "max sparsity",
+        "max rel. error",
+        "N:M holds",
+        "max distinct / group",
+        "seconds",
+    ]
     return _table(header, rows) if rows else ""
 
 
@@ -317,23 +424,41 @@ def figures_section(figures: list[FigureEntry], relative_to: Path) -> str:
     return "\n".join(lines).rstrip()
 
 
-def markdown(title: str, results: list[CellResult], *, layers: bool = False, note: str = "",
-             figures: list[FigureEntry] | None = None, figures_dir: Path | None = None) -> str:
+def markdown(
+    title: str,
+    results: list[CellResult],
+    *,
+    layers: bool = False,
+    note: str = "",
+    figures: list[FigureEntry] | None = None,
+    figures_dir: Path | None = None,
+) -> str:
     """The whole report of one matrix's results as markdown (figures only when given, already drawn)."""
     parts = [f"## {title}", ""] + ([note, ""] if note else [])
     if not results:
         return "\n".join(parts + ["No results yet."]) + "\n"
     has_ce = any("ce_loss_score" in r.metrics for r in results)
-    parts += ["### Results per hook and compression", "",
-              "Each table starts with the SAEs scored on the uncompressed model M (`original`, `loaded:*`: the "
-              "references), then every SAE scored on the compressed model M_c.", "", group_tables(results), ""]
+    parts += [
+        "### Results per hook and compression",
+        "",
+        "Each table starts with the SAEs scored on the uncompressed model M (`original`, `loaded:*`: the "
+        "references), then every SAE scored on the compressed model M_c.",
+        "",
+        group_tables(results),
+        "",
+    ]
     if has_ce:
         parts += [ABLATION_NOTE, ""]
     gap = transfer_gap_table(results)
     if gap:
-        parts += ["### Transfer gap: the same SAE on M vs on M_c", "",
-                  "Δ = value on M_c - value on M (negative: the SAE explains the compressed model less well).", "",
-                  gap, ""]
+        parts += [
+            "### Transfer gap: the same SAE on M vs on M_c",
+            "",
+            "Δ = value on M_c - value on M (negative: the SAE explains the compressed model less well).",
+            "",
+            gap,
+            "",
+        ]
     cost = cost_table(results)
     if cost:
         parts += ["### Cost vs quality", "", COST_NOTE, "", cost, ""]
@@ -351,6 +476,7 @@ def markdown(title: str, results: list[CellResult], *, layers: bool = False, not
 
 
 # --- writing a report folder ------------------------------------------------------------------------------
+
 
 class ReportExists(FileExistsError):
     """Files of the report already exist in the output folder and overwriting was not asked for."""
@@ -387,7 +513,7 @@ def write_report(out_dir: Path, sections: list[Section], *, layers: bool = False
     Every file that would be written is checked first: if one exists and ``force`` is false, ``ReportExists``
     is raised and nothing is written. With several reports, figure names start with the report's title.
     """
-    from harness import figures  # matplotlib loads only when figures are drawn
+    from saex import figures  # matplotlib loads only when figures are drawn
 
     out_dir = Path(out_dir)
     planned: list[tuple[list[_Planned], list[FigureEntry]]] = []
@@ -407,7 +533,15 @@ def write_report(out_dir: Path, sections: list[Section], *, layers: bool = False
         for p in draws:
             written.append(p.draw(p.path))
             entries.append(FigureEntry(p.title, path=p.path))
-        texts.append(markdown(section.title, section.results, layers=layers, note=section.note,
-                              figures=entries + skipped, figures_dir=out_dir))
+        texts.append(
+            markdown(
+                section.title,
+                section.results,
+                layers=layers,
+                note=section.note,
+                figures=entries + skipped,
+                figures_dir=out_dir,
+            )
+        )
     report_path.write_text("\n".join(texts))
     return [report_path, *written]

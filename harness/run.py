@@ -11,40 +11,44 @@ from __future__ import annotations
 import platform
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 import transformers
 from pydantic import BaseModel
 from torch import nn
 
-import harness
-from harness.activations import ShardedActivations, collect_activations
-from harness.cache import Cache, cache_key
-from harness.corpus import TokenBlocks, token_blocks
-from harness.hookpoints import HookPoint, check_hook, parse_hook
-from harness.matrix import BASE, Cell, expand
-from harness.models import resolve_device
-from harness.plugins import Plugins
-from harness.protocols import CompressionContext, LoadedModel, Metric, MetricContext, SAEArchitecture, SpliceContext
-from harness.registry import MatrixEntry, Registry, RegistryError
-from harness.sources import Source, parse_source
-from harness.sae import SAE, load_sae, mean_activation, save_sae
-from harness.saelens import load_pretrained
-from harness.sae_sparsity import sae_sparsity
-from harness.store import CellResult, ResultsStore
-from harness.training import train_sae
-from harness.compressed import compress_verified
-from harness.language_model import next_token_loss
+import saex
+from saex.activations import ShardedActivations, collect_activations
+from saex.cache import Cache, cache_key
+from saex.compressed import compress_verified
+from saex.corpus import TokenBlocks, token_blocks
+from saex.hookpoints import HookPoint, check_hook, parse_hook
+from saex.language_model import next_token_loss
+from saex.manager import Plugins
+from saex.matrix import BASE, Cell, expand
+from saex.models import resolve_device
+from saex.protocols import CompressionContext, LoadedModel, Metric, MetricContext, SAEArchitecture, SpliceContext
+from saex.registry import MatrixEntry, Registry, RegistryError
+from saex.sae import SAE, load_sae, mean_activation, save_sae
+from saex.sae_sparsity import sae_sparsity
+from saex.saelens import load_pretrained
+from saex.sources import Source, parse_source
+from saex.store import CellResult, ResultsStore
+from saex.training import train_sae
 
 SAE_VERSION = 1
 
 
 def versions() -> dict[str, str]:
-    return {"saex": harness.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version()}
+    return {
+        "saex": saex.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
 
 
 @dataclass
@@ -84,8 +88,17 @@ class SAEArtifact:
 
 
 class Runner:
-    def __init__(self, plugins: Plugins, registry: Registry, store: ResultsStore, cache: Cache,
-                 *, device: str | None = None, progress: bool = True, log: Callable[[str], None] = print):
+    def __init__(
+        self,
+        plugins: Plugins,
+        registry: Registry,
+        store: ResultsStore,
+        cache: Cache,
+        *,
+        device: str | None = None,
+        progress: bool = True,
+        log: Callable[[str], None] = print,
+    ):
         self.plugins, self.registry, self.store, self.cache = plugins, registry, store, cache
         self.device_override, self.progress, self.log = device, progress, log
 
@@ -105,11 +118,13 @@ class Runner:
 
     # --- per model ----------------------------------------------------------------------------------------
 
-    def _run_model(self, name: str, matrix: MatrixEntry, model_name: str, cells: list[Cell],
-                   device: torch.device) -> None:
+    def _run_model(
+        self, name: str, matrix: MatrixEntry, model_name: str, cells: list[Cell], device: torch.device
+    ) -> None:
         entry = self.registry.models[model_name]
         loaded: LoadedModel = self.plugins.get("model", entry.plugin).load(
-            self.registry.params("models", model_name, self.plugins), device)
+            self.registry.params("models", model_name, self.plugins), device
+        )
         if matrix.dtype == "bfloat16":
             loaded.model.to(torch.bfloat16)
         hooks = [parse_hook(h) for h in matrix.hooks]
@@ -117,8 +132,11 @@ class Runner:
             try:
                 check_hook(loaded.model, hook)
             except ValueError as exc:  # only now is the model's depth known: still bad input, not a crash
-                raise RegistryError(self.registry.origins.get(f"matrices.{name}", "registry"),
-                                    f"matrices.{name}.hooks[{index}]", f"model {model_name!r}: {exc}") from exc
+                raise RegistryError(
+                    self.registry.origins.get(f"matrices.{name}", "registry"),
+                    f"matrices.{name}.hooks[{index}]",
+                    f"model {model_name!r}: {exc}",
+                ) from exc
         blocks = self._blocks(matrix, loaded)
         base = ModelState({"model": loaded.fingerprint, "dtype": matrix.dtype}, lambda state: loaded.model)
         ctx = _Context(matrix, loaded, blocks, hooks, device)
@@ -139,8 +157,15 @@ class Runner:
         entry = self.registry.corpora[matrix.corpus]
         corpus = self.plugins.get("corpus", entry.plugin)
         params = self.registry.params("corpora", matrix.corpus, self.plugins)
-        return token_blocks(self.cache, lambda: corpus.documents(params), corpus.fingerprint(params),
-                            loaded.tokenizer, matrix.block_size, matrix.tokens.model_dump(), progress=self.progress)
+        return token_blocks(
+            self.cache,
+            lambda: corpus.documents(params),
+            corpus.fingerprint(params),
+            loaded.tokenizer,
+            matrix.block_size,
+            matrix.tokens.model_dump(),
+            progress=self.progress,
+        )
 
     def _compressed_state(self, ctx: "_Context", base: ModelState, name: str) -> ModelState:
         entry = self.registry.compressions[name]
@@ -154,7 +179,9 @@ class Runner:
         entry = self.registry.compressions[name]
         try:
             compressor = self.plugins.get("compression", entry.plugin)
-            return compressor.expectation(base.model, self.registry.params("compressions", name, self.plugins)).unchanged
+            return compressor.expectation(
+                base.model, self.registry.params("compressions", name, self.plugins)
+            ).unchanged
         except Exception:  # a bad parameter fails this compression's cells later, with its own message
             return False
 
@@ -165,9 +192,16 @@ class Runner:
         calibration = CompressionContext(ctx.blocks.calibration, ctx.loaded.tokenizer, ctx.device, ctx.matrix.seed)
         try:
             compressed = compress_verified(
-                self.cache, base.model, base.identity, name, self.plugins.get("compression", entry.plugin),
-                self.registry.params("compressions", name, self.plugins), calibration, ctx.blocks.key,
-                allow_mismatch=entry.allow_mismatch)
+                self.cache,
+                base.model,
+                base.identity,
+                name,
+                self.plugins.get("compression", entry.plugin),
+                self.registry.params("compressions", name, self.plugins),
+                calibration,
+                ctx.blocks.key,
+                allow_mismatch=entry.allow_mismatch,
+            )
         except Exception as exc:  # every cell of this compression fails with the same message
             state.details = getattr(exc, "details", {"compression": name})
             state.error = f"compression {name!r} failed: {type(exc).__name__}: {exc}"
@@ -178,8 +212,9 @@ class Runner:
 
     # --- per cell -------------------------------------------------------------------------------------------
 
-    def _score_group(self, cells: list[Cell], ctx: "_Context", base: ModelState, target: ModelState,
-                     hook: HookPoint) -> None:
+    def _score_group(
+        self, cells: list[Cell], ctx: "_Context", base: ModelState, target: ModelState, hook: HookPoint
+    ) -> None:
         """Score every cell of one (scored model, hook): per-SAE metrics, then the splice metrics of all their
         SAEs together (one prefix pass, one suffix pass per variant)."""
         running: dict[Cell, CellResult] = {}
@@ -196,8 +231,10 @@ class Runner:
                     raise RuntimeError(target.error)
                 artifact = self._sae(ctx, parse_source(cell.source), base, target, cell.sae, hook)
                 result.cost, result.details = artifact.cost, artifact.details
-                result.metrics = {**self._sae_metrics(ctx, cell, artifact.sae, base, target, hook),
-                                  **self._lm_metrics(ctx, target)}
+                result.metrics = {
+                    **self._sae_metrics(ctx, cell, artifact.sae, base, target, hook),
+                    **self._lm_metrics(ctx, target),
+                }
                 saes[cell] = artifact.sae
             except Exception as exc:
                 _fail(result, exc, self.log)
@@ -219,9 +256,17 @@ class Runner:
     def _acts(self, ctx: "_Context", state: ModelState, split: str, hook: HookPoint) -> ShardedActivations:
         if (split, str(hook)) not in state.acts:
             parts = {**state.identity, "tokens": ctx.blocks.key, "split": split}
-            found = collect_activations(self.cache, lambda: state.model, ctx.loaded.tokenizer, ctx.blocks.split(split),
-                                        ctx.hooks, parts, device=ctx.device, desc=f"activations {state.label} {split}",
-                                        progress=self.progress)
+            found = collect_activations(
+                self.cache,
+                lambda: state.model,
+                ctx.loaded.tokenizer,
+                ctx.blocks.split(split),
+                ctx.hooks,
+                parts,
+                device=ctx.device,
+                desc=f"activations {state.label} {split}",
+                progress=self.progress,
+            )
             for h, acts in found.items():
                 state.acts[(split, str(h))] = acts
         return state.acts[(split, str(hook))]
@@ -229,8 +274,9 @@ class Runner:
     def _architectures(self) -> dict[str, SAEArchitecture]:
         return {n: self.plugins.get("sae", n) for n in self.plugins.names("sae")}
 
-    def _sae(self, ctx: "_Context", source: Source, base: ModelState, target: ModelState, sae_name: str,
-             hook: HookPoint) -> SAEArtifact:
+    def _sae(
+        self, ctx: "_Context", source: Source, base: ModelState, target: ModelState, sae_name: str, hook: HookPoint
+    ) -> SAEArtifact:
         if source.kind == "loaded":
             start = time.perf_counter()
             sae = load_pretrained(Path(source.path).expanduser(), self._architectures()).to(ctx.device).eval()
@@ -243,70 +289,116 @@ class Runner:
         entry = self.registry.saes[sae_name]
         arch = self.plugins.get("sae", entry.plugin)
         acts = self._acts(ctx, trained_on, "train", hook)
-        key = cache_key({"acts": acts.path.name, "sae": entry.model_dump(), "seed": ctx.matrix.seed,
-                         "version": SAE_VERSION})
+        key = cache_key(
+            {"acts": acts.path.name, "sae": entry.model_dump(), "seed": ctx.matrix.seed, "version": SAE_VERSION}
+        )
         if self.cache.get("saes", key) is None:
+
             def write(tmp: Path) -> dict:
                 sae = arch.build(acts.d_in, self.registry.params("saes", sae_name, self.plugins), seed=ctx.matrix.seed)
-                result = train_sae(sae, acts, entry.training, device=ctx.device, progress=self.progress,
-                                   checkpoint_dir=self.cache.root / "checkpoints" / key)
+                result = train_sae(
+                    sae,
+                    acts,
+                    entry.training,
+                    device=ctx.device,
+                    progress=self.progress,
+                    checkpoint_dir=self.cache.root / "checkpoints" / key,
+                )
                 save_sae(sae, tmp)
-                return {"seconds": result.seconds, "tokens": result.tokens, "steps": result.steps, **{
-                    f"train_{k}": v for k, v in result.final.items()}}
+                return {
+                    "seconds": result.seconds,
+                    "tokens": result.tokens,
+                    "steps": result.steps,
+                    **{f"train_{k}": v for k, v in result.final.items()},
+                }
+
             self.cache.put("saes", key, write)
         meta = self.cache.meta("saes", key)
         sae = load_sae(self.cache.dir("saes", key), self._architectures()).to(ctx.device).eval()
-        return SAEArtifact(sae, {"sae_seconds": meta["seconds"], "sae_tokens": meta["tokens"],
-                                 **_activation_cost(acts)}, key)
+        return SAEArtifact(
+            sae, {"sae_seconds": meta["seconds"], "sae_tokens": meta["tokens"], **_activation_cost(acts)}, key
+        )
 
-    def _pruned_sae(self, ctx: "_Context", source: Source, base: ModelState, target: ModelState, sae_name: str,
-                    hook: HookPoint) -> SAEArtifact:
+    def _pruned_sae(
+        self, ctx: "_Context", source: Source, base: ModelState, target: ModelState, sae_name: str, hook: HookPoint
+    ) -> SAEArtifact:
         """The original SAE pruned with ``source.strategy`` at ``source.sparsity``, calibrated on the scored
         (compressed) model's calibration split."""
         original = self._trained_sae(ctx, base, sae_name, hook)
         pruner = self.plugins.get("pruner", source.strategy)
         params = pruner.Params()
         calibration = self._acts(ctx, target, "calibration", hook)
-        key = cache_key({"sae": original.key, "strategy": source.strategy, "params": params.model_dump(mode="json"),
-                         "sparsity": source.sparsity, "calibration": calibration.path.name})
+        key = cache_key(
+            {
+                "sae": original.key,
+                "strategy": source.strategy,
+                "params": params.model_dump(mode="json"),
+                "sparsity": source.sparsity,
+                "calibration": calibration.path.name,
+            }
+        )
         if self.cache.get("saes", key) is None:
+
             def write(tmp: Path) -> dict:
                 start = time.perf_counter()
                 pruned = pruner.prune(original.sae, params, calibration, source.sparsity)
                 seconds = time.perf_counter() - start
                 save_sae(pruned, tmp)
-                return {"seconds": seconds, "tokens": calibration.n_tokens, "achieved": sae_sparsity(pruned, reference=original.sae)}
+                return {
+                    "seconds": seconds,
+                    "tokens": calibration.n_tokens,
+                    "achieved": sae_sparsity(pruned, reference=original.sae),
+                }
+
             self.cache.put("saes", key, write)
         meta = self.cache.meta("saes", key)
         sae = load_sae(self.cache.dir("saes", key), self._architectures()).to(ctx.device).eval()
-        cost = {"sae_seconds": meta["seconds"], "sae_tokens": meta["tokens"], "prune_seconds": meta["seconds"],
-                "calibration_tokens": meta["tokens"], "original_sae_seconds": original.cost["sae_seconds"],
-                **_activation_cost(calibration)}
+        cost = {
+            "sae_seconds": meta["seconds"],
+            "sae_tokens": meta["tokens"],
+            "prune_seconds": meta["seconds"],
+            "calibration_tokens": meta["tokens"],
+            "original_sae_seconds": original.cost["sae_seconds"],
+            **_activation_cost(calibration),
+        }
         details = {"pruning": {"strategy": source.strategy, "sparsity": source.sparsity, "achieved": meta["achieved"]}}
         return SAEArtifact(sae, cost, key, details)
 
-    def _sae_metrics(self, ctx: "_Context", cell: Cell, sae: SAE, base: ModelState, target: ModelState,
-                     hook: HookPoint) -> dict[str, float]:
+    def _sae_metrics(
+        self, ctx: "_Context", cell: Cell, sae: SAE, base: ModelState, target: ModelState, hook: HookPoint
+    ) -> dict[str, float]:
         reference_acts = self._acts(ctx, base, "eval", hook) if target is not base else None
         reference_sae = None
         if parse_source(cell.source).kind in ("retrained", "pruned"):
             reference_sae = self._trained_sae(ctx, base, cell.sae, hook).sae
-        mctx = MetricContext(sae, self._acts(ctx, target, "eval", hook), ctx.device,
-                             reference_activations=reference_acts, reference_sae=reference_sae)
+        mctx = MetricContext(
+            sae,
+            self._acts(ctx, target, "eval", hook),
+            ctx.device,
+            reference_activations=reference_acts,
+            reference_sae=reference_sae,
+        )
         values: dict[str, float] = {}
         for name, metric, params in self._metric_plugins(ctx, "sae"):
             _merge(values, metric.compute(mctx, params), name)
         return values
 
-    def _splice_metrics(self, ctx: "_Context", target: ModelState, hook: HookPoint,
-                        saes: dict[Cell, SAE]) -> dict[Cell, dict[str, float]]:
+    def _splice_metrics(
+        self, ctx: "_Context", target: ModelState, hook: HookPoint, saes: dict[Cell, SAE]
+    ) -> dict[Cell, dict[str, float]]:
         plugins = self._metric_plugins(ctx, "splice")
         if not plugins:
             return {}
         by_label = {f"{c.sae}/{c.source}": c for c in saes}  # unique within a (scored model, hook) group
-        sctx = SpliceContext(target.model, hook, ctx.blocks.eval, ctx.loaded.tokenizer, ctx.device,
-                             {label: saes[c] for label, c in by_label.items()},
-                             mean_activation=mean_activation(self._acts(ctx, target, "eval", hook)).float())
+        sctx = SpliceContext(
+            target.model,
+            hook,
+            ctx.blocks.eval,
+            ctx.loaded.tokenizer,
+            ctx.device,
+            {label: saes[c] for label, c in by_label.items()},
+            mean_activation=mean_activation(self._acts(ctx, target, "eval", hook)).float(),
+        )
         values: dict[Cell, dict[str, float]] = {c: {} for c in saes}
         for name, metric, params in plugins:
             for label, found in metric.compute_spliced(sctx, params).items():
@@ -326,11 +418,15 @@ class Runner:
         if state.lm is None:
             key = cache_key({**state.identity, "tokens": ctx.blocks.key, "what": "next_token_loss"})
             if self.cache.get("lm", key) is None:
-                self.cache.put("lm", key, lambda tmp: next_token_loss(
-                    state.model, ctx.blocks.eval, ctx.loaded.tokenizer, device=ctx.device, progress=self.progress))
+                self.cache.put(
+                    "lm",
+                    key,
+                    lambda tmp: next_token_loss(
+                        state.model, ctx.blocks.eval, ctx.loaded.tokenizer, device=ctx.device, progress=self.progress
+                    ),
+                )
             state.lm = self.cache.meta("lm", key)
         return {"model_ce": state.lm["ce"], "model_ppl": state.lm["ppl"]}
-
 
 
 def _activation_cost(acts: ShardedActivations) -> dict[str, float]:

@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import ClassVar, Iterator, Literal, Mapping
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, Field, ValidationError
 from safetensors.torch import load_file, save_file
 
-from harness import __version__
-from harness.protocols import ActivationSource, SAEArchitecture
+from saex import __version__
+from saex.protocols import ActivationSource, SAEArchitecture
 
 # The sparse training path uses CSR tensors, which torch still labels "beta" with a warning on first use.
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state", category=UserWarning)
@@ -265,8 +266,9 @@ class SparsePattern:
 
     def csr(self, values: torch.Tensor) -> torch.Tensor:
         """[n_tokens, d_sae] sparse CSR tensor with ``values`` at the pattern."""
-        return torch.sparse_csr_tensor(self.offsets, self.cols, values, (self.n_tokens, self.d_sae),
-                                       check_invariants=False)
+        return torch.sparse_csr_tensor(
+            self.offsets, self.cols, values, (self.n_tokens, self.d_sae), check_invariants=False
+        )
 
     def by_latent(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(order, latent offsets [d_sae + 1], token of each entry in that order): the transposed pattern."""
@@ -281,8 +283,9 @@ class SparsePattern:
         """``csr(values).T @ dense`` ([d_sae, m]): per latent, the sum of ``value * dense[token]`` over its
         entries; O(nnz * m) instead of a dense [d_sae, n] @ [n, m] matmul."""
         order, offsets, rows = self.by_latent()
-        transposed = torch.sparse_csr_tensor(offsets, rows, values[order], (self.d_sae, self.n_tokens),
-                                             check_invariants=False)
+        transposed = torch.sparse_csr_tensor(
+            offsets, rows, values[order], (self.d_sae, self.n_tokens), check_invariants=False
+        )
         return transposed @ dense
 
 
@@ -299,13 +302,21 @@ class SparseLatentDecode(torch.autograd.Function):
     the sparse parts are cheap and bf16 sparse kernels are not available everywhere."""
 
     @staticmethod
-    def forward(ctx, pre_values: torch.Tensor, x: torch.Tensor, b_dec: torch.Tensor, W_enc: torch.Tensor,
-                b_enc: torch.Tensor, W_dec: torch.Tensor, pattern: SparsePattern
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        ctx,
+        pre_values: torch.Tensor,
+        x: torch.Tensor,
+        b_dec: torch.Tensor,
+        W_enc: torch.Tensor,
+        b_enc: torch.Tensor,
+        W_dec: torch.Tensor,
+        pattern: SparsePattern,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.autocast(x.device.type, enabled=False):
             acts = pre_values.to(W_dec.dtype).relu()
-            out = torch.nn.functional.embedding_bag(pattern.cols, W_dec, pattern.offsets[:-1],
-                                                     per_sample_weights=acts, mode="sum")
+            out = torch.nn.functional.embedding_bag(
+                pattern.cols, W_dec, pattern.offsets[:-1], per_sample_weights=acts, mode="sum"
+            )
         ctx.save_for_backward(acts, x, b_dec, W_enc, W_dec)
         ctx.pattern = pattern
         ctx.mark_non_differentiable(acts)
@@ -381,9 +392,7 @@ def load_sae(directory: str | Path, architectures: Mapping[str, SAEArchitecture]
     arch = architectures.get(cfg.architecture)
     if arch is None:
         valid = ", ".join(sorted(architectures)) or "(none registered)"
-        raise SAEFormatError(
-            f"{directory / CFG_FILE}: unknown SAE architecture {cfg.architecture!r}; valid: {valid}"
-        )
+        raise SAEFormatError(f"{directory / CFG_FILE}: unknown SAE architecture {cfg.architecture!r}; valid: {valid}")
     try:
         params = arch.Params.model_validate(cfg.params)
     except ValidationError as e:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from harness.sae import SAE
+from saex.sae import SAE
 
 MATRICES = ("W_enc", "W_dec")
 

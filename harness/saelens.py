@@ -8,7 +8,7 @@ Architectures map as follows (SAELens -> saex; saving goes the other way):
 | ``standard`` | ``relu`` | |
 | ``topk`` | ``topk`` | ``rescale_acts_by_decoder_norm`` is folded into the weights on load |
 | ``jumprelu`` | ``jumprelu`` | ``log_threshold`` of old files is exponentiated |
-| ``jumprelu``, ``metadata.training_architecture == "batchtopk"``, one threshold | ``batchtopk`` | SAELens's BatchTopK save |
+| ``jumprelu``, ``training_architecture: batchtopk``, one threshold | ``batchtopk`` | SAELens's BatchTopK save |
 | ``batchtopk`` (a SAELens training checkpoint) | ``batchtopk`` | ``topk_threshold`` becomes the inference threshold |
 
 Everything else that SAELens's inference ``encode`` does is folded into the four weight tensors, so our
@@ -24,16 +24,17 @@ The runner's ``loaded:<path>`` SAE source calls ``load_pretrained``, which reads
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from pydantic import ValidationError
 from safetensors.torch import load_file, save_file
 
-from harness import __version__
-from harness.protocols import SAEArchitecture
-from harness.sae import CFG_FILE, SAE, WEIGHTS_FILE, SAEFormatError, load_sae
+from saex import __version__
+from saex.protocols import SAEArchitecture
+from saex.sae import CFG_FILE, SAE, WEIGHTS_FILE, SAEFormatError, load_sae
 
 SAELENS_FORMAT_VERSION = "6.0.0"  # written as metadata.sae_lens_version: SAELens reads the file as 6.x layout
 SUPPORTED_NORMALIZATIONS = (None, "none", "expected_average_only_in")

@@ -32,7 +32,7 @@ def parse_source(text: str) -> Source:
     if text in ("original", "retrained"):
         return Source(text)  # type: ignore[arg-type]
     if text.startswith("loaded:") and len(text) > len("loaded:"):
-        return Source("loaded", path=text[len("loaded:"):])
+        return Source("loaded", path=text[len("loaded:") :])
     match = _PRUNED.match(text)
     if match:
         sparsity = float(match.group(2))

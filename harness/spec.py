@@ -8,14 +8,15 @@ shipped via the ``saex`` entry-point group.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import pluggy
 
 if TYPE_CHECKING:
-    from harness.matrix import Cell
-    from harness.protocols import (
+    from saex.matrix import Cell
+    from saex.protocols import (
         Compressor,
         Corpus,
         Metric,
@@ -23,11 +24,16 @@ if TYPE_CHECKING:
         SAEArchitecture,
         SAEPruner,
     )
-    from harness.store import CellResult
+    from saex.store import CellResult
 
 PROJECT = "saex"
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+def hookimpl_opts(obj: object) -> dict | None:
+    """The options ``hookimpl`` attached to ``obj``, or None when it is not a hook implementation."""
+    return getattr(obj, f"{PROJECT}_impl", None) if callable(obj) else None
 
 
 @hookspec

@@ -8,13 +8,13 @@ embeddings, so this stays correct across attention implementations and after com
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 from torch import nn
 
-from harness.hookpoints import HookPoint, Transform, capture, decoder_layers, spliced
+from saex.hookpoints import HookPoint, Transform, capture, decoder_layers, spliced
 
 Variant = Transform | None  # None = clean (no replacement)
 
@@ -37,8 +37,9 @@ def _only_layers_from(model: nn.Module, layer: int) -> Iterator[None]:
 
 
 @torch.no_grad()
-def suffix_logits(model: nn.Module, hidden: torch.Tensor, hook: HookPoint, fn: Variant,
-                  mask: torch.Tensor | None) -> torch.Tensor:
+def suffix_logits(
+    model: nn.Module, hidden: torch.Tensor, hook: HookPoint, fn: Variant, mask: torch.Tensor | None
+) -> torch.Tensor:
     """Logits of the model from ``hidden`` (the output of :func:`prefix`) with the activation at ``hook``
     replaced by ``fn(activation)`` where ``mask`` is True (everywhere when ``mask`` is None)."""
     with _only_layers_from(model, hook.layer):

@@ -9,9 +9,10 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
 
 Status = Literal["running", "done", "failed"]
 
@@ -79,9 +80,14 @@ class ResultsStore:
                 "UPDATE cells SET status=?, metrics=?, cost=?, details=?, versions=?, error=?, finished_at=? "
                 "WHERE key=? AND status='running'",
                 (
-                    result.status, json.dumps(result.metrics), json.dumps(result.cost),
-                    json.dumps(result.details, default=str), json.dumps(result.versions), result.error,
-                    time.time(), result.key,
+                    result.status,
+                    json.dumps(result.metrics),
+                    json.dumps(result.cost),
+                    json.dumps(result.details, default=str),
+                    json.dumps(result.versions),
+                    result.error,
+                    time.time(),
+                    result.key,
                 ),
             )
 
@@ -99,6 +105,14 @@ class ResultsStore:
             query + where + " ORDER BY rowid", args
         ):
             yield CellResult(
-                key, mat, json.loads(cell), status, json.loads(metrics), json.loads(cost), json.loads(details),
-                json.loads(versions), error, json.loads(config),
+                key,
+                mat,
+                json.loads(cell),
+                status,
+                json.loads(metrics),
+                json.loads(cost),
+                json.loads(details),
+                json.loads(versions),
+                error,
+                json.loads(config),
             )

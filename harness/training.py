@@ -9,16 +9,17 @@ import math
 import os
 import time
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, Field
 from tqdm import tqdm
 
-from harness.protocols import ActivationSource
-from harness.sae import SAE, TrainStep
+from saex.protocols import ActivationSource
+from saex.sae import SAE, TrainStep
 
 SMOOTHING_STEPS = 20  # reported metrics are means over the last steps, not one noisy batch
 
@@ -110,8 +111,9 @@ def train_sae(
         torch.set_rng_state(state["rng"])
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bfloat16")
     next_checkpoint = (seen // every + 1) * every
-    with tqdm(total=cfg.tokens, initial=seen, unit="tok", desc=f"train {sae.architecture}",
-              disable=not progress) as bar:
+    with tqdm(
+        total=cfg.tokens, initial=seen, unit="tok", desc=f"train {sae.architecture}", disable=not progress
+    ) as bar:
         for x in _batches(source, cfg, skip=seen):
             for group in optimizer.param_groups:
                 group["lr"] = cfg.lr * lr_factor((seen + x.shape[0] / 2) / cfg.tokens, cfg)
@@ -129,8 +131,7 @@ def train_sae(
             bar.update(x.shape[0])
             bar.set_postfix(tracker.postfix(), refresh=False)
             if checkpoint and seen >= next_checkpoint and seen < cfg.tokens:
-                checkpoint.save(sae, optimizer, tracker, seen, steps,
-                                earlier_seconds + time.perf_counter() - start)
+                checkpoint.save(sae, optimizer, tracker, seen, steps, earlier_seconds + time.perf_counter() - start)
                 next_checkpoint = (seen // every + 1) * every
     sae.eval()
     with torch.no_grad():
@@ -142,9 +143,17 @@ def train_sae(
 
 def _run_identity(sae: SAE, source: ActivationSource, cfg: TrainingConfig) -> str:
     """What a checkpoint must match to be resumed: architecture, sizes, params, config, data size."""
-    return json.dumps({"architecture": sae.architecture, "d_in": sae.d_in, "d_sae": sae.d_sae,
-                       "params": sae.params.model_dump(mode="json"), "training": cfg.model_dump(mode="json"),
-                       "n_tokens": source.n_tokens}, sort_keys=True)
+    return json.dumps(
+        {
+            "architecture": sae.architecture,
+            "d_in": sae.d_in,
+            "d_sae": sae.d_sae,
+            "params": sae.params.model_dump(mode="json"),
+            "training": cfg.model_dump(mode="json"),
+            "n_tokens": source.n_tokens,
+        },
+        sort_keys=True,
+    )
 
 
 class _Checkpoint:
@@ -164,12 +173,20 @@ class _Checkpoint:
             )
         return state
 
-    def save(self, sae: SAE, optimizer: torch.optim.Optimizer, tracker: "_Tracker", seen: int, steps: int,
-             seconds: float) -> None:
+    def save(
+        self, sae: SAE, optimizer: torch.optim.Optimizer, tracker: "_Tracker", seen: int, steps: int, seconds: float
+    ) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        state = {"identity": self.identity, "sae": {k: v.detach().cpu() for k, v in sae.state_dict().items()},
-                 "optimizer": optimizer.state_dict(), "tracker": tracker.state_dict(), "seen": seen,
-                 "steps": steps, "seconds": seconds, "rng": torch.get_rng_state()}
+        state = {
+            "identity": self.identity,
+            "sae": {k: v.detach().cpu() for k, v in sae.state_dict().items()},
+            "optimizer": optimizer.state_dict(),
+            "tracker": tracker.state_dict(),
+            "seen": seen,
+            "steps": steps,
+            "seconds": seconds,
+            "rng": torch.get_rng_state(),
+        }
         tmp = self.path.with_suffix(".tmp")
         torch.save(state, tmp)
         os.replace(tmp, self.path)
@@ -251,5 +268,9 @@ class _Tracker:
 
     def postfix(self) -> dict[str, str]:
         s = self.summary()
-        return {"loss": f"{s['loss']:.4g}", "L0": f"{s['l0']:.1f}", "EV": f"{s['explained_variance']:.3f}",
-                "dead": f"{s['dead_frac']:.2f}"}
+        return {
+            "loss": f"{s['loss']:.4g}",
+            "L0": f"{s['l0']:.1f}",
+            "EV": f"{s['explained_variance']:.3f}",
+            "dead": f"{s['dead_frac']:.2f}",
+        }

@@ -1,6 +1,6 @@
 """Check, layer by layer, that a compression did what it promised.
 
-A compressor states a ``CompressionExpectation`` (harness.protocols); after it ran, the spine measures every
+A compressor states a ``CompressionExpectation`` (saex.protocols); after it ran, the spine measures every
 targeted layer (``layer_report``) and compares (``check_expectation``). A layer that silently stayed dense --
 the paper's reference code never wrote its pruned MLP weights back -- then stops the cell with
 ``CompressionMismatch`` instead of producing results for a model that was not compressed as labelled.
@@ -17,13 +17,13 @@ output row into runs of ``group_size`` consecutive input weights (llm-compressor
 from __future__ import annotations
 
 import re
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
-from harness.protocols import CompressionExpectation
+from saex.protocols import CompressionExpectation
 
 
 class Targets(BaseModel):
@@ -56,9 +56,7 @@ class Targets(BaseModel):
         return patterns
 
     def matches(self, name: str) -> bool:
-        return any(re.fullmatch(p, name) for p in self.include) and not any(
-            re.fullmatch(p, name) for p in self.exclude
-        )
+        return any(re.fullmatch(p, name) for p in self.include) and not any(re.fullmatch(p, name) for p in self.exclude)
 
 
 class NoTargetsError(ValueError):
@@ -179,8 +177,9 @@ def layer_report(
                 rel_error=None if original is None else _rel_error(weight, original),
                 module_type=type(module).__name__,
                 n_m_ok=None if n_m is None else n_m_holds(weight, *n_m),
-                max_distinct_per_group=None if bits is None else max_distinct_per_group(
-                    weight, expectation.group_size, expectation.group_axis),
+                max_distinct_per_group=None
+                if bits is None
+                else max_distinct_per_group(weight, expectation.group_size, expectation.group_axis),
             )
         )
     return reports
@@ -228,8 +227,11 @@ def check_expectation(report: list[LayerReport], expectation: CompressionExpecta
     group holds more than ``2**bits`` distinct values; when ``unchanged`` is promised, no weight moved.
     """
     by_name = {r.name: r for r in report}
-    problems = [f"{name}: not in the layer report (a promised target was not measured)"
-                for name in expectation.targets if name not in by_name]
+    problems = [
+        f"{name}: not in the layer report (a promised target was not measured)"
+        for name in expectation.targets
+        if name not in by_name
+    ]
     checked = [by_name[n] for n in expectation.targets if n in by_name] if expectation.targets else report
     for layer in checked:
         if expectation.sparsity is not None:
@@ -246,14 +248,18 @@ def check_expectation(report: list[LayerReport], expectation: CompressionExpecta
         elif layer.rel_error == 0.0 and layer.name in expectation.targets:
             problems.append(f"{layer.name}: weights bit-equal to the original (layer was not compressed)")
         if expectation.unchanged and layer.rel_error:  # None: no original to compare with
-            problems.append(f"{layer.name}: weights changed (relative error {layer.rel_error:.3g}), "
-                            "though the compression promised to leave the model unchanged")
+            problems.append(
+                f"{layer.name}: weights changed (relative error {layer.rel_error:.3g}), "
+                "though the compression promised to leave the model unchanged"
+            )
         if expectation.n_m is not None and layer.n_m_ok is False:
             n, m = expectation.n_m
-            problems.append(f"{layer.name}: {n}:{m} pattern broken (a group of {m} input weights has more "
-                            f"than {n} non-zeros, or {m} does not divide the input width {layer.shape[-1]})")
+            problems.append(
+                f"{layer.name}: {n}:{m} pattern broken (a group of {m} input weights has more "
+                f"than {n} non-zeros, or {m} does not divide the input width {layer.shape[-1]})"
+            )
         if expectation.bits is not None and layer.max_distinct_per_group is not None:
-            limit = 2 ** expectation.bits
+            limit = 2**expectation.bits
             if layer.max_distinct_per_group > limit:
                 group = "per output row" if expectation.group_size is None else f"of {expectation.group_size}"
                 problems.append(

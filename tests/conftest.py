@@ -5,21 +5,57 @@ from __future__ import annotations
 import importlib
 import inspect
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import torch
 
-from harness.protocols import LoadedModel
-from plugins.models.tiny_llama import TinyLlama
+from saex.plugins.models.tiny_llama import TinyLlama
+from saex.protocols import LoadedModel
 
 # Modules whose docstrings are a few hundred to a few thousand characters of ASCII English prose.
 DOC_MODULES = (
-    "json", "os", "re", "collections", "itertools", "typing", "inspect", "argparse", "subprocess", "string",
-    "random", "statistics", "heapq", "tempfile", "fnmatch", "csv", "pickle", "copy", "pprint", "time",
-    "hashlib", "struct", "unittest", "doctest", "pdb", "optparse", "cmd", "difflib", "locale", "tokenize",
-    "ast", "sched", "socket", "ssl", "uuid", "operator", "io", "configparser", "getopt", "gettext",
+    "json",
+    "os",
+    "re",
+    "collections",
+    "itertools",
+    "typing",
+    "inspect",
+    "argparse",
+    "subprocess",
+    "string",
+    "random",
+    "statistics",
+    "heapq",
+    "tempfile",
+    "fnmatch",
+    "csv",
+    "pickle",
+    "copy",
+    "pprint",
+    "time",
+    "hashlib",
+    "struct",
+    "unittest",
+    "doctest",
+    "pdb",
+    "optparse",
+    "cmd",
+    "difflib",
+    "locale",
+    "tokenize",
+    "ast",
+    "sched",
+    "socket",
+    "ssl",
+    "uuid",
+    "operator",
+    "io",
+    "configparser",
+    "getopt",
+    "gettext",
 )
 
 

@@ -8,13 +8,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import harness.activations
-from harness.activations import ShardedActivations, TensorActivations, collect_activations
-from harness.cache import Cache
-from harness.corpus import pack, special_mask
-from harness.hookpoints import HookPoint, capture
-from harness.protocols import LoadedModel
-from plugins.corpora.files import LocalFiles
+import saex.activations
+from saex.activations import ShardedActivations, TensorActivations, collect_activations
+from saex.cache import Cache
+from saex.corpus import pack, special_mask
+from saex.hookpoints import HookPoint, capture
+from saex.plugins.corpora.files import LocalFiles
+from saex.protocols import LoadedModel
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -49,7 +49,9 @@ def ids_of(batches: list[torch.Tensor]) -> list[int]:
 
 
 @pytest.mark.parametrize("batch_size", [1, 10, 64, 103, 500])
-def test_unshuffled_batches_are_all_rows_in_order(source: TensorActivations | ShardedActivations, batch_size: int) -> None:
+def test_unshuffled_batches_are_all_rows_in_order(
+    source: TensorActivations | ShardedActivations, batch_size: int
+) -> None:
     assert (source.n_tokens, source.d_in) == (N, D)
     batches = list(source.iter_batches(batch_size))
     assert torch.equal(torch.cat(batches), rows_with_ids())
@@ -108,7 +110,11 @@ def blocks(text_corpus: Path, tiny_llama: LoadedModel) -> torch.Tensor:
 
 
 def collect(
-    cache: Cache, lm: LoadedModel, blocks: torch.Tensor, hooks: list[HookPoint] = HOOKS, key_parts: dict = KEY_PARTS,
+    cache: Cache,
+    lm: LoadedModel,
+    blocks: torch.Tensor,
+    hooks: list[HookPoint] = HOOKS,
+    key_parts: dict = KEY_PARTS,
     **kwargs: int,
 ) -> dict[HookPoint, ShardedActivations]:
     return collect_activations(
@@ -146,7 +152,7 @@ def test_second_collection_reads_the_cache_without_running_the_model(
     def no_capture(*args: object, **kwargs: object) -> None:
         raise AssertionError("the model ran although every hook was cached")
 
-    monkeypatch.setattr(harness.activations, "capture", no_capture)
+    monkeypatch.setattr(saex.activations, "capture", no_capture)
     second = collect(cache, tiny_llama, blocks)
     for hook in HOOKS:
         assert second[hook].path == first[hook].path
@@ -164,7 +170,7 @@ def test_only_uncached_hooks_are_collected(
         asked.append(list(hooks))
         return capture(model, ids, hooks, **kwargs)
 
-    monkeypatch.setattr(harness.activations, "capture", recording_capture)
+    monkeypatch.setattr(saex.activations, "capture", recording_capture)
     both = collect(cache, tiny_llama, blocks, hooks=HOOKS[:2])
     assert asked == [[HOOKS[1]]] * 3  # 7 blocks in batches of 3
     assert both[HOOKS[0]].path == first[HOOKS[0]].path
@@ -175,7 +181,9 @@ def test_key_parts_change_gives_a_new_directory(tmp_path: Path, tiny_llama: Load
     base = collect(cache, tiny_llama, blocks, hooks=HOOKS[:1])[HOOKS[0]].path
     other = collect(cache, tiny_llama, blocks, hooks=HOOKS[:1], key_parts={**KEY_PARTS, "compression": "magnitude-0.5"})
     assert other[HOOKS[0]].path != base
-    assert sorted(p.name for p in (tmp_path / "activations").iterdir()) == sorted([base.name, other[HOOKS[0]].path.name])
+    assert sorted(p.name for p in (tmp_path / "activations").iterdir()) == sorted(
+        [base.name, other[HOOKS[0]].path.name]
+    )
 
 
 def test_small_shards_read_back_the_same_rows(tmp_path: Path, tiny_llama: LoadedModel, blocks: torch.Tensor) -> None:

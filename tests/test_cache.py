@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from harness.cache import MANIFEST, Cache, cache_key
-from harness.models import file_digest
+from saex.cache import MANIFEST, Cache, cache_key
+from saex.models import file_digest
 
 PARTS: dict[str, Any] = {
     "model": "tiny-llama:0123abcd",
@@ -101,7 +101,9 @@ def flip_byte(path: Path, offset: int = 100) -> None:
 
 
 @pytest.mark.parametrize("damage", ["flip", "delete", "append"])
-def test_corrupt_entry_is_moved_aside_and_reported(tmp_path: Path, capsys: pytest.CaptureFixture[str], damage: str) -> None:
+def test_corrupt_entry_is_moved_aside_and_reported(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], damage: str
+) -> None:
     cache = Cache(tmp_path)
     path = cache.put("things", "k1", write_two_files)
     if damage == "flip":

@@ -6,10 +6,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness.plugins import load_plugins
-from harness.protocols import CompressionContext
-from harness.verify import clone_weights, verify
-from plugins.models.tiny_llama import TinyLlama
+from saex.manager import load_plugins
+from saex.plugins.models.tiny_llama import TinyLlama
+from saex.protocols import CompressionContext
+from saex.verify import clone_weights, verify
 
 FIXTURES = Path(__file__).parent / "fixtures"
 GUIDE = Path(__file__).parent.parent / "docs" / "COMPRESSION.md"

@@ -1,4 +1,4 @@
-"""Magnitude pruning, the ``none`` control and the layer-by-layer verification (harness.verify)."""
+"""Magnitude pruning, the ``none`` control and the layer-by-layer verification (saex.verify)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,13 @@ import torch
 import transformers
 from pydantic import ValidationError
 
-from harness import spec
-from harness.protocols import CompressionContext, CompressionExpectation
-from harness.verify import (
+from saex import spec
+from saex.plugins.compression import magnitude as magnitude_module
+from saex.plugins.compression import none as none_module
+from saex.plugins.compression.magnitude import Magnitude
+from saex.plugins.compression.none import NoCompression
+from saex.protocols import CompressionContext, CompressionExpectation
+from saex.verify import (
     CompressionMismatch,
     NoTargetsError,
     Targets,
@@ -19,10 +23,6 @@ from harness.verify import (
     linear_layers,
     verify,
 )
-from plugins.compression import magnitude as magnitude_module
-from plugins.compression import none as none_module
-from plugins.compression.magnitude import Magnitude
-from plugins.compression.none import NoCompression
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -31,16 +31,21 @@ PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 def model() -> transformers.LlamaForCausalLM:
     torch.manual_seed(0)
     config = transformers.LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=256,
     )
     return transformers.LlamaForCausalLM(config).eval()
 
 
 @pytest.fixture
 def ctx() -> CompressionContext:
-    return CompressionContext(calibration_tokens=torch.zeros(0, 8, dtype=torch.long), tokenizer=None,
-                              device=torch.device("cpu"))
+    return CompressionContext(
+        calibration_tokens=torch.zeros(0, 8, dtype=torch.long), tokenizer=None, device=torch.device("cpu")
+    )
 
 
 def _params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -58,8 +63,9 @@ def _reference_pruned(w0: torch.Tensor, sparsity: float) -> np.ndarray:
 def test_default_targets_are_the_fourteen_decoder_linears(model):
     names = list(linear_layers(model))
     assert len(names) == 14
-    assert sorted(names) == sorted(f"model.layers.{i}.{'self_attn' if p in PROJECTIONS[:4] else 'mlp'}.{p}"
-                                   for i in range(2) for p in PROJECTIONS)
+    assert sorted(names) == sorted(
+        f"model.layers.{i}.{'self_attn' if p in PROJECTIONS[:4] else 'mlp'}.{p}" for i in range(2) for p in PROJECTIONS
+    )
 
 
 def test_magnitude_reaches_sparsity_in_every_targeted_layer(model, ctx):
@@ -132,7 +138,8 @@ def test_unknown_params_and_bad_regex_are_rejected():
 def test_targets_select_by_regex(model):
     mlp_only = Targets(include=[r"model\.layers\.\d+\.mlp\..*"], exclude=[r".*down_proj"])
     assert sorted(linear_layers(model, mlp_only)) == sorted(
-        f"model.layers.{i}.mlp.{p}" for i in range(2) for p in ("gate_proj", "up_proj"))
+        f"model.layers.{i}.mlp.{p}" for i in range(2) for p in ("gate_proj", "up_proj")
+    )
     with pytest.raises(NoTargetsError, match="no nn.Linear"):
         linear_layers(model, Targets(include=[r"nothing\..*"]))
 

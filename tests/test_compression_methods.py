@@ -12,23 +12,24 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
-from harness.plugins import load_plugins
-from harness.protocols import CompressionContext, LoadedModel
-from harness.verify import GroupSizeError, Targets, clone_weights, linear_layers, verify
-from plugins.compression.gptq import GPTQ
-from plugins.compression.hqq import HQQ
-from plugins.compression.llmcompressor_oneshot import (
+from saex.manager import load_plugins
+from saex.plugins.compression.gptq import GPTQ
+from saex.plugins.compression.hqq import HQQ
+from saex.plugins.compression.llmcompressor_oneshot import (
     CalibrationError,
     bake_quantized_weights,
     linear_selection,
     quantization_modifier,
     run_oneshot,
 )
-from plugins.compression.magnitude import Magnitude
-from plugins.compression.rtn import RTN
-from plugins.compression.sparsegpt import SparseGPT
-from plugins.compression.wanda import Wanda
-from plugins.models.tiny_llama import TinyLlama
+from saex.plugins.compression.magnitude import Magnitude
+from saex.plugins.compression.rtn import RTN
+from saex.plugins.compression.sparsegpt import SparseGPT
+from saex.plugins.compression.wanda import Wanda
+from saex.plugins.models.tiny_llama import TinyLlama
+from saex.protocols import CompressionContext, LoadedModel
+from saex.verify import GroupSizeError, Targets, clone_weights, linear_layers, verify
+
 
 @pytest.fixture(scope="module")
 def base() -> LoadedModel:
@@ -95,8 +96,15 @@ def _llmcompressor_directly(model, ctx, modifier):
     ids = ctx.calibration_tokens.tolist()
     data = Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * len(r) for r in ids]})
     torch.manual_seed(ctx.seed)
-    oneshot(model=model, recipe=modifier, dataset=data, processor=ctx.tokenizer,
-            num_calibration_samples=len(ids), max_seq_length=len(ids[0]), shuffle_calibration_samples=False)
+    oneshot(
+        model=model,
+        recipe=modifier,
+        dataset=data,
+        processor=ctx.tokenizer,
+        num_calibration_samples=len(ids),
+        max_seq_length=len(ids[0]),
+        shuffle_calibration_samples=False,
+    )
     return model
 
 
@@ -107,8 +115,13 @@ def test_calibrated_pruner_masks_match_llmcompressor(compressor, pattern, mask_s
     from llmcompressor.modifiers.pruning.wanda import WandaPruningModifier
 
     ours = copy.deepcopy(base.model)
-    compressor.compress(ours, compressor.Params(sparsity=0.5, pattern=pattern) if pattern == "unstructured"
-                        else compressor.Params(pattern=pattern), ctx)
+    compressor.compress(
+        ours,
+        compressor.Params(sparsity=0.5, pattern=pattern)
+        if pattern == "unstructured"
+        else compressor.Params(pattern=pattern),
+        ctx,
+    )
 
     theirs = copy.deepcopy(base.model)
     theirs.config.save_pretrained(tmp_path)
@@ -133,8 +146,11 @@ def test_calibrated_pruning_is_reproducible_and_leaves_no_scratch_files(base, ct
     assert list((tmp_path / "w").iterdir()) == []
 
 
-@pytest.mark.parametrize("compressor, params", [(Wanda(), {"sparsity": 0.5}), (SparseGPT(), {"pattern": "2:4"}),
-                                                (GPTQ(), {"bits": 4}), (RTN(), {"bits": 8})], ids=lambda x: str(x))
+@pytest.mark.parametrize(
+    "compressor, params",
+    [(Wanda(), {"sparsity": 0.5}), (SparseGPT(), {"pattern": "2:4"}), (GPTQ(), {"bits": 4}), (RTN(), {"bits": 8})],
+    ids=lambda x: str(x),
+)
 def test_llmcompressor_methods_touch_only_the_selected_layers(compressor, params, model, ctx, base):
     mlp_up = Targets(include=[r"model\.layers\.1\.mlp\.up_proj"])
     _, report, expectation = compress_and_verify(compressor, model, compressor.Params(**params, targets=mlp_up), ctx)
@@ -154,10 +170,16 @@ def test_linear_selection_ignores_the_unselected_linears_in_one_pattern(model):
 # --- quantization ----------------------------------------------------------------------------------------
 
 QUANTIZERS = [
-    (GPTQ(), {"bits": 4}), (GPTQ(), {"bits": 8, "group_size": 32}),
-    (RTN(), {"bits": 4, "group_size": 16}), (RTN(), {"bits": 8, "group_size": None, "activation_bits": 8}),
-    (HQQ(), {"nbits": 1}), (HQQ(), {"nbits": 2}), (HQQ(), {"nbits": 3, "group_size": 32}), (HQQ(), {"nbits": 4}),
-    (HQQ(), {"nbits": 8}), (HQQ(), {"nbits": 4, "axis": 0, "group_size": 32}),
+    (GPTQ(), {"bits": 4}),
+    (GPTQ(), {"bits": 8, "group_size": 32}),
+    (RTN(), {"bits": 4, "group_size": 16}),
+    (RTN(), {"bits": 8, "group_size": None, "activation_bits": 8}),
+    (HQQ(), {"nbits": 1}),
+    (HQQ(), {"nbits": 2}),
+    (HQQ(), {"nbits": 3, "group_size": 32}),
+    (HQQ(), {"nbits": 4}),
+    (HQQ(), {"nbits": 8}),
+    (HQQ(), {"nbits": 4, "axis": 0, "group_size": 32}),
 ]
 
 
@@ -167,7 +189,7 @@ def test_quantizers_stay_within_two_to_the_bits_values_per_group(compressor, par
     bits = expectation.bits
     assert bits == params.get("bits", params.get("nbits")) and len(report) == 14
     for layer in report:
-        assert layer.max_distinct_per_group <= 2 ** bits, layer.name
+        assert layer.max_distinct_per_group <= 2**bits, layer.name
         group = expectation.group_size or layer.shape[1]  # a group cannot hold more values than it has weights
         assert layer.max_distinct_per_group > min(2 ** (bits - 1), group // 2), f"{layer.name}: grid too coarse"
         assert 0 < layer.rel_error < (1.5 if bits == 1 else 1)
@@ -225,31 +247,43 @@ def test_hqq_on_cuda(base):
 # --- errors ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("cls, raw, field", [
-    (Wanda, {"sparsity": 1.5}, "sparsity"),
-    (SparseGPT, {"sparsity": -0.1}, "sparsity"),
-    (Magnitude, {"pattern": "4:2"}, "pattern"),
-    (Magnitude, {"pattern": "2of4"}, "pattern"),
-    (Wanda, {}, "sparsity is required"),
-    (Wanda, {"sparsity": 0.3, "pattern": "2:4"}, "contradicts pattern '2:4'"),
-    (HQQ, {"nbits": 5}, "nbits"),
-    (HQQ, {"group_size": 12}, "multiple of 8"),
-    (GPTQ, {"bits": 5}, "bits"),
-    (RTN, {"group_size": 0}, "group_size"),
-    (RTN, {"bits": 4, "scheme": "W4A16"}, "scheme"),
-])
+@pytest.mark.parametrize(
+    "cls, raw, field",
+    [
+        (Wanda, {"sparsity": 1.5}, "sparsity"),
+        (SparseGPT, {"sparsity": -0.1}, "sparsity"),
+        (Magnitude, {"pattern": "4:2"}, "pattern"),
+        (Magnitude, {"pattern": "2of4"}, "pattern"),
+        (Wanda, {}, "sparsity is required"),
+        (Wanda, {"sparsity": 0.3, "pattern": "2:4"}, "contradicts pattern '2:4'"),
+        (HQQ, {"nbits": 5}, "nbits"),
+        (HQQ, {"group_size": 12}, "multiple of 8"),
+        (GPTQ, {"bits": 5}, "bits"),
+        (RTN, {"group_size": 0}, "group_size"),
+        (RTN, {"bits": 4, "scheme": "W4A16"}, "scheme"),
+    ],
+)
 def test_bad_params_are_rejected_naming_the_field(cls, raw, field):
     with pytest.raises(ValidationError, match=field):
         cls.Params(**raw)
 
 
-@pytest.mark.parametrize("compressor, params", [
-    (GPTQ(), GPTQ.Params(group_size=48)), (RTN(), RTN.Params(group_size=48)), (HQQ(), HQQ.Params(group_size=48)),
-    (HQQ(), HQQ.Params(group_size=48, axis=0)),
-], ids=["gptq", "rtn", "hqq", "hqq-axis0"])
+@pytest.mark.parametrize(
+    "compressor, params",
+    [
+        (GPTQ(), GPTQ.Params(group_size=48)),
+        (RTN(), RTN.Params(group_size=48)),
+        (HQQ(), HQQ.Params(group_size=48)),
+        (HQQ(), HQQ.Params(group_size=48, axis=0)),
+    ],
+    ids=["gptq", "rtn", "hqq", "hqq-axis0"],
+)
 def test_group_size_not_dividing_a_layer_names_the_layer(compressor, params, model, ctx):
-    with pytest.raises(GroupSizeError, match=r"group_size 48 does not divide the (input|output) width 64 of "
-                                             r"layer model\.layers\.0\.self_attn\.q_proj") as err:
+    with pytest.raises(
+        GroupSizeError,
+        match=r"group_size 48 does not divide the (input|output) width 64 of "
+        r"layer model\.layers\.0\.self_attn\.q_proj",
+    ) as err:
         compressor.expectation(model, params)
     assert "group sizes that fit" in str(err.value)
     with pytest.raises(GroupSizeError):

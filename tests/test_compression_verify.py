@@ -1,11 +1,11 @@
-"""harness.verify's quantization and N:M checks, and dense weights of modules that replaced nn.Linear."""
+"""saex.verify's quantization and N:M checks, and dense weights of modules that replaced nn.Linear."""
 
 import pytest
 import torch
 from torch import nn
 
-from harness.protocols import CompressionExpectation
-from harness.verify import (
+from saex.protocols import CompressionExpectation
+from saex.verify import (
     CompressionMismatch,
     LayerReport,
     dense_weight,
@@ -56,8 +56,9 @@ def test_verify_flags_a_layer_that_was_not_quantized():
     expectation = CompressionExpectation(targets=["proj"], bits=4, group_size=32)
     with pytest.raises(CompressionMismatch) as err:
         verify(model, ["proj"], expectation)
-    assert err.value.problems == ["proj: a quantization group of 32 holds 32 distinct values, more than "
-                                  "2^4 = 16 (not quantized to 4 bits)"]
+    assert err.value.problems == [
+        "proj: a quantization group of 32 holds 32 distinct values, more than 2^4 = 16 (not quantized to 4 bits)"
+    ]
     assert err.value.report[0].max_distinct_per_group == 32
 
 

@@ -8,16 +8,16 @@ import itertools
 import json
 import re
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import torch
 
-from harness.cache import Cache
-from harness.corpus import SPLITS, pack, special_mask, split_of, token_blocks
-from plugins.corpora.files import LocalFiles
-from plugins.models.tiny_llama import byte_tokenizer
+from saex.cache import Cache
+from saex.corpus import SPLITS, pack, special_mask, split_of, token_blocks
+from saex.plugins.corpora.files import LocalFiles
+from saex.plugins.models.tiny_llama import byte_tokenizer
 
 BOS, EOS, PAD = 0, 1, 2
 
@@ -135,13 +135,19 @@ def test_token_blocks_are_cached(tmp_path: Path, text_corpus: Path, tokenizer) -
     tokens = {"train": 1000, "calibration": 100, "eval": 200}
     first = token_blocks(cache, documents, "corpus-fp", tokenizer, 32, tokens)
     assert calls == 1
-    assert {s: tuple(first.split(s).shape) for s in SPLITS} == {"train": (32, 32), "calibration": (4, 32), "eval": (7, 32)}
+    assert {s: tuple(first.split(s).shape) for s in SPLITS} == {
+        "train": (32, 32),
+        "calibration": (4, 32),
+        "eval": (7, 32),
+    }
     again = token_blocks(cache, documents, "corpus-fp", tokenizer, 32, tokens)
     assert calls == 1
     assert again.key == first.key
     for split in SPLITS:
         assert torch.equal(again.split(split), first.split(split))
-        assert torch.equal(first.split(split), pack(docs, tokenizer, 32, {s: len(first.split(s)) for s in SPLITS})[split])
+        assert torch.equal(
+            first.split(split), pack(docs, tokenizer, 32, {s: len(first.split(s)) for s in SPLITS})[split]
+        )
 
     other = token_blocks(cache, documents, "other-corpus-fp", tokenizer, 32, tokens)
     bigger = token_blocks(cache, documents, "corpus-fp", tokenizer, 64, tokens)

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import pytest
 import torch
 from torch import nn
 
-from harness.hookpoints import (
+from saex.hookpoints import (
     HOOK_SITES,
     HookPoint,
     capture,
@@ -19,7 +19,7 @@ from harness.hookpoints import (
     parse_hook,
     spliced,
 )
-from harness.protocols import LoadedModel
+from saex.protocols import LoadedModel
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -59,7 +59,9 @@ def counting(modules: dict[str, nn.Module]) -> Iterator[dict[str, int]]:
     calls = {name: 0 for name in modules}
     handles = []
     for name, module in modules.items():
-        handles.append(module.register_forward_hook(lambda m, a, out, name=name: calls.__setitem__(name, calls[name] + 1)))
+        handles.append(
+            module.register_forward_hook(lambda m, a, out, name=name: calls.__setitem__(name, calls[name] + 1))
+        )
     try:
         yield calls
     finally:
@@ -69,9 +71,7 @@ def counting(modules: dict[str, nn.Module]) -> Iterator[dict[str, int]]:
 
 def hook_state(model: nn.Module) -> dict[str, tuple[list[int], list[int]]]:
     """Ids of the forward (pre-)hooks on every module; transformers itself may install permanent ones."""
-    return {
-        name: (list(m._forward_hooks), list(m._forward_pre_hooks)) for name, m in model.named_modules()
-    }
+    return {name: (list(m._forward_hooks), list(m._forward_pre_hooks)) for name, m in model.named_modules()}
 
 
 # --- what each site captures ---------------------------------------------------------------------------------
@@ -121,8 +121,12 @@ def test_sites_add_up_to_the_residual_stream(model: nn.Module, ids: torch.Tensor
 
 def test_stop_early_captures_the_same_tensors(model: nn.Module, ids: torch.Tensor) -> None:
     hooks = [
-        HookPoint(2, "resid_pre"), HookPoint(0, "attn_out"), HookPoint(1, "mlp_out"), HookPoint(1, "resid_post"),
-        HookPoint(0, "resid_pre"), HookPoint(2, "attn_out"),
+        HookPoint(2, "resid_pre"),
+        HookPoint(0, "attn_out"),
+        HookPoint(1, "mlp_out"),
+        HookPoint(1, "resid_post"),
+        HookPoint(0, "resid_pre"),
+        HookPoint(2, "attn_out"),
     ]
     early = capture(model, ids, hooks, stop_early=True)
     full = capture(model, ids, hooks, stop_early=False)
@@ -178,8 +182,16 @@ def test_parse_hook_round_trips() -> None:
 
 @pytest.mark.parametrize(
     "name",
-    ["layers.0.resid", "layers.x.resid_pre", "blocks.0.resid_pre", "layers.0.resid_pre.x", "layers.-1.mlp_out",
-     "layers.0.", "0.resid_pre", " layers.0.resid_pre"],
+    [
+        "layers.0.resid",
+        "layers.x.resid_pre",
+        "blocks.0.resid_pre",
+        "layers.0.resid_pre.x",
+        "layers.-1.mlp_out",
+        "layers.0.",
+        "0.resid_pre",
+        " layers.0.resid_pre",
+    ],
 )
 def test_parse_hook_rejects_bad_names_listing_sites(name: str) -> None:
     with pytest.raises(ValueError) as info:
@@ -197,9 +209,8 @@ def test_check_hook_names_the_valid_layer_range(model: nn.Module, ids: torch.Ten
             check_hook(model, bad)
     with pytest.raises(ValueError, match=r"valid layers 0\.\.3"):
         capture(model, ids, [HookPoint(9, "resid_pre")])
-    with pytest.raises(ValueError, match=r"valid layers 0\.\.3"):
-        with spliced(model, HookPoint(4, "attn_out"), lambda x: x):
-            pass
+    with pytest.raises(ValueError, match=r"valid layers 0\.\.3"), spliced(model, HookPoint(4, "attn_out"), lambda x: x):
+        pass
 
 
 def test_decoder_layers_rejects_other_layouts() -> None:
@@ -269,17 +280,20 @@ def test_hooks_are_removed_after_every_context(model: nn.Module, ids: torch.Tens
         with spliced(model, hook, lambda x: x):
             assert hook_state(model) != before
         assert hook_state(model) == before
-    with pytest.raises(RuntimeError, match="boom"):
-        with hooks_attached(model, {h: (lambda x: x) for h in hooks}):
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), hooks_attached(model, {h: (lambda x: x) for h in hooks}):
+        raise RuntimeError("boom")
     assert hook_state(model) == before
 
 
 def test_no_saex_hooks_left_on_decoder_modules(tiny_llama: LoadedModel, ids: torch.Tensor) -> None:
     """On a model that never ran with output_hidden_states, no forward hook remains at all."""
-    from plugins.models.tiny_llama import TinyLlama
+    from saex.plugins.models.tiny_llama import TinyLlama
 
-    model = TinyLlama().load(TinyLlama.Params(num_hidden_layers=2, hidden_size=16, intermediate_size=32), torch.device("cpu")).model
+    model = (
+        TinyLlama()
+        .load(TinyLlama.Params(num_hidden_layers=2, hidden_size=16, intermediate_size=32), torch.device("cpu"))
+        .model
+    )
     capture(model, ids, [HookPoint(1, "resid_post"), HookPoint(0, "mlp_out"), HookPoint(1, "resid_pre")])
     with spliced(model, HookPoint(0, "attn_out"), lambda x: x):
         logits(model, ids)

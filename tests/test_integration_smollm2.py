@@ -6,25 +6,25 @@ import pytest
 import torch
 import yaml
 
-from harness.cache import Cache
-from harness.corpus import special_mask
-from harness.plugins import load_plugins
-from harness.registry import load_registry
-from harness.run import Runner
-from harness.store import ResultsStore
+from saex.cache import Cache
+from saex.corpus import special_mask
+from saex.manager import load_plugins
+from saex.registry import load_registry
+from saex.run import Runner
+from saex.store import ResultsStore
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from plugins.models.smollm2 import SmolLM2
+    from saex.plugins.models.smollm2 import SmolLM2
 
     return SmolLM2().load(SmolLM2.Params(), torch.device("cpu"))
 
 
 def test_embedded_model_is_smollm2_and_predicts_real_text(smollm2):
-    from plugins.corpora.kjv import KJV
+    from saex.plugins.corpora.kjv import KJV
 
     config = smollm2.model.config
     assert (config.num_hidden_layers, config.hidden_size, config.vocab_size) == (30, 576, 49152)
@@ -40,23 +40,47 @@ def test_embedded_model_is_smollm2_and_predicts_real_text(smollm2):
 
 def test_small_matrix_on_smollm2(tmp_path):
     data = {
-        "saes": {"it-topk": {"plugin": "topk", "params": {"expansion_factor": 4, "k": 16},
-                             "training": {"tokens": 32768, "batch_size": 512, "lr": 0.001}}},
-        "matrices": {"it": {"models": ["smollm2"], "corpus": "kjv", "compressions": ["magnitude-50"],
-                            "hooks": ["layers.3.resid_post"], "saes": ["it-topk"], "metrics": ["reconstruction"],
-                            "device": "cpu", "tokens": {"train": 16384, "calibration": 1024, "eval": 4096}}},
+        "saes": {
+            "it-topk": {
+                "plugin": "topk",
+                "params": {"expansion_factor": 4, "k": 16},
+                "training": {"tokens": 32768, "batch_size": 512, "lr": 0.001},
+            }
+        },
+        "matrices": {
+            "it": {
+                "models": ["smollm2"],
+                "corpus": "kjv",
+                "compressions": ["magnitude-50"],
+                "hooks": ["layers.3.resid_post"],
+                "saes": ["it-topk"],
+                "metrics": ["reconstruction"],
+                "device": "cpu",
+                "tokens": {"train": 16384, "calibration": 1024, "eval": 4096},
+            }
+        },
     }
     extra = tmp_path / "it.yaml"
     extra.write_text(yaml.safe_dump(data))
-    from harness.cli import PROJECT_REGISTRY
+    from saex.cli import PROJECT_REGISTRY
 
     plugins = load_plugins(entry_points=False)
     registry = load_registry([PROJECT_REGISTRY, extra], plugins)
-    runner = Runner(plugins, registry, ResultsStore(tmp_path / "r.sqlite"), Cache(tmp_path / "cache"),
-                    progress=False, log=lambda m: None)
+    runner = Runner(
+        plugins,
+        registry,
+        ResultsStore(tmp_path / "r.sqlite"),
+        Cache(tmp_path / "cache"),
+        progress=False,
+        log=lambda m: None,
+    )
     results = {(r.cell["source"], r.cell["scored_on"]): r for r in runner.run("it")}
     assert {r.status for r in results.values()} == {"done"}
-    on_m, transfer, retrained = results[("original", "base")], results[("original", "compressed")], results[("retrained", "compressed")]
+    on_m, transfer, retrained = (
+        results[("original", "base")],
+        results[("original", "compressed")],
+        results[("retrained", "compressed")],
+    )
     layers = transfer.details["compression"]["layers"]
     assert len(layers) == 30 * 7 and all(abs(layer["sparsity"] - 0.5) < 1e-4 for layer in layers)
     for r in (on_m, transfer, retrained):

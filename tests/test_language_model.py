@@ -5,7 +5,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from harness.language_model import next_token_loss
+from saex.language_model import next_token_loss
 
 
 def test_loss_drops_predictions_from_special_tokens_and_pools(tiny_llama):

@@ -9,12 +9,12 @@ import pytest
 import torch
 from torch import nn
 
-import harness.spec
-from harness.activations import TensorActivations
-from harness.protocols import MetricContext
-from harness.spec import PROJECT
-from plugins.metrics import reconstruction
-from plugins.metrics.reconstruction import METRIC_KEYS, Reconstruction, ReconstructionStats
+import saex.spec
+from saex.activations import TensorActivations
+from saex.plugins.metrics import reconstruction
+from saex.plugins.metrics.reconstruction import METRIC_KEYS, Reconstruction, ReconstructionStats
+from saex.protocols import MetricContext
+from saex.spec import PROJECT
 
 CPU = torch.device("cpu")
 
@@ -264,7 +264,7 @@ def test_plugin_params_forbid_unknown_keys():
 
 def test_module_registers_the_metric_through_pluggy():
     pm = pluggy.PluginManager(PROJECT)
-    pm.add_hookspecs(harness.spec)
+    pm.add_hookspecs(saex.spec)
     pm.register(reconstruction)
     registered = []
     pm.hook.register_metrics(register=registered.append)

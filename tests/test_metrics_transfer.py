@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from harness.activations import TensorActivations
-from harness.protocols import MetricContext
-from plugins.metrics.transfer import Transfer, decoder_match
-from plugins.sae.topk import TopK
+from saex.activations import TensorActivations
+from saex.plugins.metrics.transfer import Transfer, decoder_match
+from saex.plugins.sae.topk import TopK
+from saex.protocols import MetricContext
 
 
 @pytest.fixture
@@ -15,9 +15,14 @@ def sae():
 
 
 def compute(sae, x, x_ref=None, ref_sae=None):
-    ctx = MetricContext(sae, TensorActivations(x), torch.device("cpu"), batch_size=7,
-                        reference_activations=TensorActivations(x_ref) if x_ref is not None else None,
-                        reference_sae=ref_sae)
+    ctx = MetricContext(
+        sae,
+        TensorActivations(x),
+        torch.device("cpu"),
+        batch_size=7,
+        reference_activations=TensorActivations(x_ref) if x_ref is not None else None,
+        reference_sae=ref_sae,
+    )
     return Transfer().compute(ctx, Transfer.Params())
 
 

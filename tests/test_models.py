@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from harness.models import directory_fingerprint, resolve_device
+from saex.models import directory_fingerprint, resolve_device
 
 
 def test_directory_fingerprint_is_stable_and_tracks_weights(tmp_path, tiny_llama):

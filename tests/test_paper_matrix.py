@@ -4,15 +4,22 @@ llm-compressor's Wanda and GPTQ), the SAE sources of the paper, every metric, an
 import pytest
 import yaml
 
-from harness.cache import Cache
-from harness.cli import PROJECT_REGISTRY, main
-from harness.plugins import load_plugins
-from harness.registry import load_registry
-from harness.run import Runner
-from harness.store import ResultsStore
+from saex.cache import Cache
+from saex.cli import PROJECT_REGISTRY, main
+from saex.manager import load_plugins
+from saex.registry import load_registry
+from saex.run import Runner
+from saex.store import ResultsStore
 
-SOURCES = ["original", "retrained", "pruned:wanda@0.25", "pruned:wanda@0.5", "pruned:wanda@0.75",
-           "pruned:magnitude@0.5", "pruned:latents@0.5"]
+SOURCES = [
+    "original",
+    "retrained",
+    "pruned:wanda@0.25",
+    "pruned:wanda@0.5",
+    "pruned:wanda@0.75",
+    "pruned:magnitude@0.5",
+    "pruned:latents@0.5",
+]
 
 
 @pytest.fixture
@@ -21,13 +28,27 @@ def paper_tiny(tmp_path, text_corpus):
     data = {
         "models": {"tiny-paper": {"plugin": "tiny-llama", "params": {"num_hidden_layers": 3}}},
         "corpora": {"docs-paper": {"plugin": "files", "params": {"paths": [str(text_corpus / "*.txt")]}}},
-        "saes": {"topk-paper-tiny": {"plugin": "topk", "params": {"expansion_factor": 2, "k": 8},
-                                     "training": {"tokens": 4096, "batch_size": 256, "lr": 0.003}}},
-        "matrices": {"paper-small-tiny": {
-            "models": ["tiny-paper"], "corpus": "docs-paper", "compressions": project.compressions,
-            "hooks": ["layers.1.resid_post"], "saes": ["topk-paper-tiny"], "sources": project.sources,
-            "metrics": ["reconstruction", "transfer", "ce-kl-small"], "block_size": 64, "device": "cpu",
-            "tokens": {"train": 4096, "calibration": 512, "eval": 1024}}},
+        "saes": {
+            "topk-paper-tiny": {
+                "plugin": "topk",
+                "params": {"expansion_factor": 2, "k": 8},
+                "training": {"tokens": 4096, "batch_size": 256, "lr": 0.003},
+            }
+        },
+        "matrices": {
+            "paper-small-tiny": {
+                "models": ["tiny-paper"],
+                "corpus": "docs-paper",
+                "compressions": project.compressions,
+                "hooks": ["layers.1.resid_post"],
+                "saes": ["topk-paper-tiny"],
+                "sources": project.sources,
+                "metrics": ["reconstruction", "transfer", "ce-kl-small"],
+                "block_size": 64,
+                "device": "cpu",
+                "tokens": {"train": 4096, "calibration": 512, "eval": 1024},
+            }
+        },
     }
     path = tmp_path / "paper-tiny.yaml"
     path.write_text(yaml.safe_dump(data))
@@ -42,8 +63,14 @@ def test_paper_small_sources_are_the_papers():
 def test_paper_small_end_to_end_on_a_tiny_model(tmp_path, paper_tiny, monkeypatch, capsys):
     plugins = load_plugins(entry_points=False)
     registry = load_registry([PROJECT_REGISTRY, paper_tiny], plugins)
-    runner = Runner(plugins, registry, ResultsStore(tmp_path / "r.sqlite"), Cache(tmp_path / "cache"),
-                    progress=False, log=lambda m: None)
+    runner = Runner(
+        plugins,
+        registry,
+        ResultsStore(tmp_path / "r.sqlite"),
+        Cache(tmp_path / "cache"),
+        progress=False,
+        log=lambda m: None,
+    )
     results = runner.run("paper-small-tiny")
     compressions = registry.matrix("paper-small-tiny").compressions
     assert len(results) == 1 + len(compressions) * len(SOURCES)
@@ -61,8 +88,21 @@ def test_paper_small_end_to_end_on_a_tiny_model(tmp_path, paper_tiny, monkeypatc
         assert by_source["pruned:wanda@0.5"].cost["prune_seconds"] < by_source["retrained"].cost["sae_seconds"]
     monkeypatch.setenv("SAEX_HOME", str(tmp_path / "home"))
     out = tmp_path / "report"
-    assert main(["report", "paper-small-tiny", "--registry", str(paper_tiny), "--store", str(tmp_path / "r.sqlite"),
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "report",
+                "paper-small-tiny",
+                "--registry",
+                str(paper_tiny),
+                "--store",
+                str(tmp_path / "r.sqlite"),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     pngs = sorted(p.name for p in out.glob("*.png"))
     assert any(p.startswith("sparsity-") for p in pngs) and any(p.startswith("transfer") for p in pngs)
     assert (out / "report.md").read_text().count("pruned:wanda@0.5") >= len(compressions)

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from harness.cli import main
-from harness.plugins import DEFAULT_PLUGINS, PluginError, load_plugins
+from saex.cli import main
+from saex.manager import PluginError, builtin_plugins, load_plugins
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -20,7 +20,8 @@ def third_party(install_distribution):
 def test_every_builtin_registers_something():
     plugins = load_plugins(entry_points=False)
     registered_by = {r.plugin for table in plugins.components.values() for r in table.values()}
-    assert registered_by == {m.rsplit(".", 1)[-1] for m in DEFAULT_PLUGINS}
+    assert registered_by == {m.removeprefix("saex.plugins.") for m in builtin_plugins()}
+    assert "pruning.common" not in registered_by  # a helper module without hookimpls is not a plugin
     assert all(r.source == "built-in" for table in plugins.components.values() for r in table.values())
 
 
@@ -36,10 +37,11 @@ def test_managers_do_not_leak_between_loads(third_party):
 
 
 def test_allow_list_and_block_list(monkeypatch):
-    monkeypatch.setenv("SAEX_DISABLE_PLUGINS", "magnitude")
-    assert "magnitude" not in load_plugins(entry_points=False).names("compression")
+    monkeypatch.setenv("SAEX_DISABLE_PLUGINS", "compression.magnitude")
+    plugins = load_plugins(entry_points=False)
+    assert "magnitude" not in plugins.names("compression") and "magnitude" in plugins.names("pruner")
     monkeypatch.delenv("SAEX_DISABLE_PLUGINS")
-    monkeypatch.setenv("SAEX_PLUGINS", "none,topk")
+    monkeypatch.setenv("SAEX_PLUGINS", "compression.none,sae.topk")
     plugins = load_plugins(entry_points=False)
     assert plugins.names("compression") == ["none"] and plugins.names("sae") == ["topk"]
     assert plugins.names("metric") == []
@@ -47,16 +49,16 @@ def test_allow_list_and_block_list(monkeypatch):
 
 def test_duplicate_component_name_is_an_error():
     class Twin:
-        from harness.spec import hookimpl
+        from saex.spec import hookimpl
 
         @staticmethod
         @hookimpl
         def register_compressors(register):
-            from plugins.compression.none import NoCompression
+            from saex.plugins.compression.none import NoCompression
 
             register(NoCompression())
 
-    with pytest.raises(PluginError, match="registered by both plugin 'none' and 'twin'"):
+    with pytest.raises(PluginError, match="registered by both plugin 'compression.none' and 'twin'"):
         load_plugins([("twin", Twin)], entry_points=False)
 
 

@@ -9,17 +9,17 @@ import numpy as np
 import pytest
 import torch
 
-from harness.activations import TensorActivations
-from harness.plugins import load_plugins
-from harness.sae import SAE, load_sae, save_sae
-from plugins.pruning import LatentsPruner, MagnitudePruner, WandaPruner
-from harness.sae_sparsity import sae_sparsity
-from plugins.sae.topk import TopK, TopKSAE
+from saex.activations import TensorActivations
+from saex.manager import load_plugins
+from saex.plugins.pruning.latents import LatentsPruner
+from saex.plugins.pruning.magnitude import MagnitudePruner
+from saex.plugins.pruning.wanda import WandaPruner
+from saex.plugins.sae.topk import TopK, TopKSAE
+from saex.sae import SAE, load_sae, save_sae
+from saex.sae_sparsity import sae_sparsity
 
 D_IN, D_SAE, K = 16, 64, 4
 PRUNERS = (MagnitudePruner(), WandaPruner(), LatentsPruner())
-
-
 
 
 def topk_sae(seed: int = 0) -> TopKSAE:
@@ -205,8 +205,8 @@ def test_latents_refuses_to_keep_fewer_than_k():
 
 def test_latents_slices_per_latent_state_of_other_architectures():
     """Generic handling: a per-latent threshold (JumpReLU) is sliced; a scalar one (BatchTopK) is kept."""
-    from plugins.sae.batchtopk import BatchTopK
-    from plugins.sae.jumprelu import JumpReLU
+    from saex.plugins.sae.batchtopk import BatchTopK
+    from saex.plugins.sae.jumprelu import JumpReLU
 
     jump = JumpReLU().build(D_IN, JumpReLU.Params(d_sae=D_SAE))
     with torch.no_grad():
@@ -259,4 +259,8 @@ def test_params_reject_unknown_keys():
 def test_pruners_are_registered_as_builtins():
     plugins = load_plugins(entry_points=False)
     assert plugins.names("pruner") == ["latents", "magnitude", "wanda"]
-    assert {plugins.components["pruner"][n].plugin for n in plugins.names("pruner")} == {"pruning"}
+    assert [plugins.components["pruner"][n].plugin for n in plugins.names("pruner")] == [
+        "pruning.latents",
+        "pruning.magnitude",
+        "pruning.wanda",
+    ]

@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from harness.cli import main
-from harness.plugins import load_plugins
-from harness.registry import RegistryError, load_registry
+from saex.cli import main
+from saex.manager import load_plugins
+from saex.registry import RegistryError, load_registry
 
 BASE = {
     "models": {"tiny": {"plugin": "tiny-llama"}},
@@ -15,8 +15,16 @@ BASE = {
     "compressions": {"mag": {"plugin": "magnitude", "params": {"sparsity": 0.5}}},
     "saes": {"topk": {"plugin": "topk", "params": {"k": 4}}},
     "metrics": {"rec": {"plugin": "reconstruction"}},
-    "matrices": {"m": {"models": ["tiny"], "corpus": "text", "compressions": ["mag"],
-                       "hooks": ["layers.1.resid_post"], "saes": ["topk"], "metrics": ["rec"]}},
+    "matrices": {
+        "m": {
+            "models": ["tiny"],
+            "corpus": "text",
+            "compressions": ["mag"],
+            "hooks": ["layers.1.resid_post"],
+            "saes": ["topk"],
+            "metrics": ["rec"],
+        }
+    },
 }
 
 
@@ -98,7 +106,9 @@ def test_name_defined_twice_names_both_files(tmp_path):
 
 def test_extra_file_extends_without_editing(tmp_path):
     first = write(tmp_path / "a.yaml", BASE)
-    second = write(tmp_path / "b.yaml", {"compressions": {"mag-25": {"plugin": "magnitude", "params": {"sparsity": 0.25}}}})
+    second = write(
+        tmp_path / "b.yaml", {"compressions": {"mag-25": {"plugin": "magnitude", "params": {"sparsity": 0.25}}}}
+    )
     reg = load_registry([first, second], load_plugins(entry_points=False))
     assert set(reg.compressions) == {"mag", "mag-25"}
     assert reg.origins["compressions.mag-25"] == str(second)
@@ -113,7 +123,9 @@ def test_unknown_matrix_lists_matrices(tmp_path):
 
 def test_validate_exits_2_and_runs_nothing(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("SAEX_HOME", str(tmp_path / "home"))
-    bad = write(tmp_path / "reg.yaml", {"compressions": {"mag-bad": {"plugin": "magnitude", "params": {"sparsity": -0.1}}}})
+    bad = write(
+        tmp_path / "reg.yaml", {"compressions": {"mag-bad": {"plugin": "magnitude", "params": {"sparsity": -0.1}}}}
+    )
     assert main(["validate", "--registry", str(bad)]) == 2
     err = capsys.readouterr().err
     assert "compressions.mag-bad.params.sparsity" in err and str(bad) in err

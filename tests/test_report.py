@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from harness.cli import main
-from harness.matrix import BASE
-from harness.report import Section, markdown, transfer_gap_rows, write_report
-from harness.store import CellResult, ResultsStore
+from saex.cli import main
+from saex.matrix import BASE
+from saex.report import Section, markdown, transfer_gap_rows, write_report
+from saex.store import CellResult, ResultsStore
 
 HOOK = "layers.4.resid_post"
 COMPRESSIONS = ("wanda-50", "gptq-w4")
@@ -21,47 +21,83 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 # explained_variance / ce_loss_score / kl_div_score of each SAE source on M_c, per compression
 QUALITY = {
-    "wanda-50": {"original": (0.81, 0.93, 0.90), "retrained": (0.86, 0.97, 0.95),
-                 "pruned:wanda@0.25": (0.80, 0.92, 0.89), "pruned:wanda@0.5": (0.74, 0.88, 0.84),
-                 "pruned:magnitude@0.5": (0.66, 0.80, 0.77)},
-    "gptq-w4": {"original": (0.88, 0.96, 0.94), "retrained": (0.89, 0.97, 0.95),
-                "pruned:wanda@0.25": (0.87, 0.95, 0.93), "pruned:wanda@0.5": (0.82, 0.91, 0.89),
-                "pruned:magnitude@0.5": (0.71, 0.84, 0.80)},
+    "wanda-50": {
+        "original": (0.81, 0.93, 0.90),
+        "retrained": (0.86, 0.97, 0.95),
+        "pruned:wanda@0.25": (0.80, 0.92, 0.89),
+        "pruned:wanda@0.5": (0.74, 0.88, 0.84),
+        "pruned:magnitude@0.5": (0.66, 0.80, 0.77),
+    },
+    "gptq-w4": {
+        "original": (0.88, 0.96, 0.94),
+        "retrained": (0.89, 0.97, 0.95),
+        "pruned:wanda@0.25": (0.87, 0.95, 0.93),
+        "pruned:wanda@0.5": (0.82, 0.91, 0.89),
+        "pruned:magnitude@0.5": (0.71, 0.84, 0.80),
+    },
 }
 ON_M = (0.90, 0.98, 0.97)
 NAMES = ("explained_variance", "ce_loss_score", "kl_div_score")
 
 
 def cell(source: str, compression: str | None, *, hook: str = HOOK, matrix: str = "paper") -> dict:
-    return {"matrix": matrix, "model": "smollm2", "compression": compression, "hook": hook, "sae": "topk",
-            "source": source, "scored_on": BASE if compression is None else "compressed"}
+    return {
+        "matrix": matrix,
+        "model": "smollm2",
+        "compression": compression,
+        "hook": hook,
+        "sae": "topk",
+        "source": source,
+        "scored_on": BASE if compression is None else "compressed",
+    }
 
 
 def cost(source: str) -> dict:
     if source.startswith("pruned:"):
-        return {"sae_seconds": 600.0, "sae_tokens": 4e6, "prune_seconds": 3.0, "calibration_tokens": 16384.0,
-                "activation_seconds": 12.0}
+        return {
+            "sae_seconds": 600.0,
+            "sae_tokens": 4e6,
+            "prune_seconds": 3.0,
+            "calibration_tokens": 16384.0,
+            "activation_seconds": 12.0,
+        }
     return {"sae_seconds": 600.0 if source == "original" else 540.0, "sae_tokens": 4e6, "activation_seconds": 75.0}
 
 
 def compression_details(name: str) -> dict:
-    layers = [{"name": f"model.layers.{i}.mlp.up_proj", "shape": [1536, 576], "sparsity": 0.5, "rel_error": 0.3}
-              for i in range(3)]
+    layers = [
+        {"name": f"model.layers.{i}.mlp.up_proj", "shape": [1536, 576], "sparsity": 0.5, "rel_error": 0.3}
+        for i in range(3)
+    ]
     return {"compression": name, "seconds": 24.0, "layers": layers}
 
 
 def synthetic_results(*, hook: str = HOOK, matrix: str = "paper") -> list[CellResult]:
     """original on M, then for 2 compressions: original, retrained and three pruned SAEs on M_c."""
-    results = [CellResult(f"{hook}-ref", matrix, cell("original", None, hook=hook, matrix=matrix), "done",
-                          {**dict(zip(NAMES, ON_M)), "l0": 32.0, "mse": 1.5}, cost("original"))]
+    results = [
+        CellResult(
+            f"{hook}-ref",
+            matrix,
+            cell("original", None, hook=hook, matrix=matrix),
+            "done",
+            {**dict(zip(NAMES, ON_M)), "l0": 32.0, "mse": 1.5},
+            cost("original"),
+        )
+    ]
     for compression in COMPRESSIONS:
         for source in SOURCES:
             values = dict(zip(NAMES, QUALITY[compression][source]))
-            results.append(CellResult(
-                f"{hook}-{compression}-{source}", matrix, cell(source, compression, hook=hook, matrix=matrix), "done",
-                {**values, "l0": 30.0, "mse": 2.0, "dec_match_mean_max_cos": 0.8}, cost(source),
-                {"compression": compression_details(compression)},
-            ))
+            results.append(
+                CellResult(
+                    f"{hook}-{compression}-{source}",
+                    matrix,
+                    cell(source, compression, hook=hook, matrix=matrix),
+                    "done",
+                    {**values, "l0": 30.0, "mse": 2.0, "dec_match_mean_max_cos": 0.8},
+                    cost(source),
+                    {"compression": compression_details(compression)},
+                )
+            )
     return results
 
 
@@ -94,8 +130,14 @@ def test_tables_group_per_hook_and_compression_with_the_reference_row():
         assert ref[3] == "0.9"  # explained_variance of original on M, first metric column
         assert row_of(group, "pruned:wanda@0.5", "M_c")[3] == f"{QUALITY[compression]['pruned:wanda@0.5'][0]:.4g}"
         sources = [line.split("|")[2].strip() for line in group.splitlines() if line.startswith("| topk")]
-        assert sources == ["original", "original", "retrained", "pruned:magnitude@0.5", "pruned:wanda@0.25",
-                           "pruned:wanda@0.5"]
+        assert sources == [
+            "original",
+            "original",
+            "retrained",
+            "pruned:magnitude@0.5",
+            "pruned:wanda@0.25",
+            "pruned:wanda@0.5",
+        ]
     # the zero-ablation caveat is written wherever ce_loss_score is
     assert "ce_loss_score†" in text and "ln(vocab)" in text
     assert text.count("| done |") == 11  # every cell exactly once, in the table of every cell
@@ -116,8 +158,11 @@ def test_a_loaded_sae_is_a_reference_and_has_a_transfer_gap(tmp_path):
     results = synthetic_results()
     results.append(CellResult("l-ref", "paper", cell(loaded, None), "done", dict(zip(NAMES, (0.7, 0.9, 0.8)))))
     for compression in COMPRESSIONS:
-        results.append(CellResult(f"l-{compression}", "paper", cell(loaded, compression), "done",
-                                  dict(zip(NAMES, (0.6, 0.85, 0.75)))))
+        results.append(
+            CellResult(
+                f"l-{compression}", "paper", cell(loaded, compression), "done", dict(zip(NAMES, (0.6, 0.85, 0.75)))
+            )
+        )
     text = markdown("matrix paper", results)
     group = section_of(text, f"#### {HOOK} · gptq-w4")
     assert row_of(group, loaded, "M")[3] == "0.7" and row_of(group, loaded, "M_c")[3] == "0.6"
@@ -147,9 +192,13 @@ def test_report_folder_has_readable_figures(tmp_path):
     written = write_report(tmp_path / "out", [Section("matrix paper", synthetic_results())])
     # one figure per (kind, metric, hook, sae), named after them
     assert [p.name for p in written] == [
-        "report.md", "sparsity-ce_loss_score-layers.4.resid_post-topk.png",
-        "sparsity-kl_div_score-layers.4.resid_post-topk.png", "sparsity-explained_variance-layers.4.resid_post-topk.png", "transfer-gap-layers.4.resid_post-topk.png",
-        "cost-explained_variance-layers.4.resid_post-topk.png", "cost-ce_loss_score-layers.4.resid_post-topk.png",
+        "report.md",
+        "sparsity-ce_loss_score-layers.4.resid_post-topk.png",
+        "sparsity-kl_div_score-layers.4.resid_post-topk.png",
+        "sparsity-explained_variance-layers.4.resid_post-topk.png",
+        "transfer-gap-layers.4.resid_post-topk.png",
+        "cost-explained_variance-layers.4.resid_post-topk.png",
+        "cost-ce_loss_score-layers.4.resid_post-topk.png",
     ]
     for path in written:
         if path.suffix == ".png":

@@ -10,15 +10,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from harness.cache import Cache
-from harness.cli import main
-from harness.plugins import load_plugins
-from harness.protocols import CompressionExpectation, NoParams
-from harness.registry import load_registry
-from harness.run import Runner
-from harness.spec import hookimpl
-from harness.store import ResultsStore
-from harness.verify import linear_layers
+from saex.cache import Cache
+from saex.cli import main
+from saex.manager import load_plugins
+from saex.protocols import CompressionExpectation, NoParams
+from saex.registry import load_registry
+from saex.run import Runner
+from saex.spec import hookimpl
+from saex.store import ResultsStore
+from saex.verify import linear_layers
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -32,14 +32,31 @@ def registry_file(tmp_path, text_corpus):
             "id": {"plugin": "none"},
             "mag": {"plugin": "magnitude", "params": {"sparsity": 0.5}},
         },
-        "saes": {"small": {"plugin": "topk", "params": {"expansion_factor": 2, "k": 8},
-                           "training": {"tokens": 4096, "batch_size": 256, "lr": 0.003}}},
-        "metrics": {"rec": {"plugin": "reconstruction"}, "tr": {"plugin": "transfer"},
-                    "cekl": {"plugin": "ce_kl", "params": {"max_tokens": 512}}},
-        "matrices": {"t": {"models": ["tiny3"], "corpus": "docs", "compressions": ["id", "mag"],
-                           "hooks": ["layers.1.resid_post", "layers.0.mlp_out"], "saes": ["small"],
-                           "metrics": ["rec", "tr", "cekl"], "block_size": 64, "device": "cpu",
-                           "tokens": {"train": 4096, "calibration": 512, "eval": 1024}}},
+        "saes": {
+            "small": {
+                "plugin": "topk",
+                "params": {"expansion_factor": 2, "k": 8},
+                "training": {"tokens": 4096, "batch_size": 256, "lr": 0.003},
+            }
+        },
+        "metrics": {
+            "rec": {"plugin": "reconstruction"},
+            "tr": {"plugin": "transfer"},
+            "cekl": {"plugin": "ce_kl", "params": {"max_tokens": 512}},
+        },
+        "matrices": {
+            "t": {
+                "models": ["tiny3"],
+                "corpus": "docs",
+                "compressions": ["id", "mag"],
+                "hooks": ["layers.1.resid_post", "layers.0.mlp_out"],
+                "saes": ["small"],
+                "metrics": ["rec", "tr", "cekl"],
+                "block_size": 64,
+                "device": "cpu",
+                "tokens": {"train": 4096, "calibration": 512, "eval": 1024},
+            }
+        },
     }
     path = tmp_path / "reg.yaml"
     path.write_text(yaml.safe_dump(data))
@@ -138,8 +155,14 @@ def test_failed_compression_fails_its_cells_and_is_retried(tmp_path, registry_fi
             register(self)
 
     plugins = load_plugins([("lazy", Lazy())], entry_points=False)
-    runner = Runner(plugins, load_registry([registry_file], plugins), ResultsStore(tmp_path / "r.sqlite"),
-                    Cache(tmp_path / "cache"), progress=False, log=lambda m: None)
+    runner = Runner(
+        plugins,
+        load_registry([registry_file], plugins),
+        ResultsStore(tmp_path / "r.sqlite"),
+        Cache(tmp_path / "cache"),
+        progress=False,
+        log=lambda m: None,
+    )
     results = by_label(runner.run("t"))
     assert results[("layers.1.resid_post", "original", None)].status == "done"
     failed = results[("layers.1.resid_post", "original", "lazy")]
@@ -160,8 +183,14 @@ def test_third_party_compression_in_a_matrix(tmp_path, registry_file, monkeypatc
     data["matrices"]["t"].update(compressions=["half"], hooks=["layers.1.resid_post"], sources=["original"])
     registry_file.write_text(yaml.safe_dump(data))
     plugins = load_plugins([("scale", module)], entry_points=False)
-    runner = Runner(plugins, load_registry([registry_file], plugins), ResultsStore(tmp_path / "r.sqlite"),
-                    Cache(tmp_path / "cache"), progress=False, log=lambda m: None)
+    runner = Runner(
+        plugins,
+        load_registry([registry_file], plugins),
+        ResultsStore(tmp_path / "r.sqlite"),
+        Cache(tmp_path / "cache"),
+        progress=False,
+        log=lambda m: None,
+    )
     results = by_label(runner.run("t"))
     scaled = results[("layers.1.resid_post", "original", "half")]
     assert scaled.status == "done"
@@ -192,7 +221,7 @@ def test_hook_beyond_the_model_is_a_registry_error_with_exit_2(tmp_path, registr
 
 
 def test_compressed_model_is_cached_and_resumed_runs_do_not_compress(tmp_path, registry_file):
-    from plugins.compression.magnitude import Magnitude
+    from saex.plugins.compression.magnitude import Magnitude
 
     calls = []
 
@@ -215,8 +244,14 @@ def test_compressed_model_is_cached_and_resumed_runs_do_not_compress(tmp_path, r
 
     def run(store, cache):
         plugins = load_plugins([("counting", Plugin())], entry_points=False)
-        runner = Runner(plugins, load_registry([registry_file], plugins), ResultsStore(store), Cache(cache),
-                        progress=False, log=lambda m: None)
+        runner = Runner(
+            plugins,
+            load_registry([registry_file], plugins),
+            ResultsStore(store),
+            Cache(cache),
+            progress=False,
+            log=lambda m: None,
+        )
         return by_label(runner.run("t"))
 
     first = run(tmp_path / "a.sqlite", tmp_path / "cache")
@@ -230,7 +265,10 @@ def test_compressed_model_is_cached_and_resumed_runs_do_not_compress(tmp_path, r
         shutil.rmtree(tmp_path / "cache" / kind)
     third = run(tmp_path / "c.sqlite", tmp_path / "cache")
     assert len(calls) == 1
-    assert third[("layers.1.resid_post", "original", "cm")].metrics == first[("layers.1.resid_post", "original", "cm")].metrics
+    assert (
+        third[("layers.1.resid_post", "original", "cm")].metrics
+        == first[("layers.1.resid_post", "original", "cm")].metrics
+    )
     assert third[("layers.1.resid_post", "original", "cm")].details["compression"]["from_cache"] is True
     assert first[("layers.1.resid_post", "original", "cm")].metrics["model_ppl"] > 1
 
@@ -239,8 +277,11 @@ def test_two_sae_architectures_in_one_group_are_each_spliced(tmp_path, registry_
     """Cells of one (scored model, hook) with the same source but different SAEs are scored each with its own
     SAE: the same CE/KL as when each architecture runs alone."""
     data = yaml.safe_load(registry_file.read_text())
-    data["saes"]["other"] = {"plugin": "relu", "params": {"expansion_factor": 2},
-                             "training": {"tokens": 4096, "batch_size": 256, "lr": 0.003}}
+    data["saes"]["other"] = {
+        "plugin": "relu",
+        "params": {"expansion_factor": 2},
+        "training": {"tokens": 4096, "batch_size": 256, "lr": 0.003},
+    }
     data["matrices"]["t"].update(compressions=["mag"], hooks=["layers.1.resid_post"], saes=["small", "other"])
     data["matrices"]["alone"] = {**data["matrices"]["t"], "saes": ["small"]}
     registry_file.write_text(yaml.safe_dump(data))
@@ -275,30 +316,39 @@ def test_none_shares_the_activations_and_saes_of_m(tmp_path, registry_file):
 
 
 def test_a_compression_that_breaks_its_unchanged_promise_fails():
-    from harness.protocols import CompressionExpectation
-    from harness.verify import LayerReport, check_expectation
+    from saex.protocols import CompressionExpectation
+    from saex.verify import LayerReport, check_expectation
 
-    moved = LayerReport(name="model.layers.0.mlp.up_proj", shape=(8, 4), n_params=32, sparsity=0.0,
-                        rel_error=0.01, module_type="Linear")
+    moved = LayerReport(
+        name="model.layers.0.mlp.up_proj", shape=(8, 4), n_params=32, sparsity=0.0, rel_error=0.01, module_type="Linear"
+    )
     problems = check_expectation([moved], CompressionExpectation(unchanged=True))
-    assert problems == ["model.layers.0.mlp.up_proj: weights changed (relative error 0.01), though the compression "
-                        "promised to leave the model unchanged"]
+    assert problems == [
+        "model.layers.0.mlp.up_proj: weights changed (relative error 0.01), though the compression "
+        "promised to leave the model unchanged"
+    ]
     assert check_expectation([moved], CompressionExpectation()) == []
 
 
 def test_pruned_sources_are_calibrated_on_the_compressed_model(tmp_path, registry_file):
     data = yaml.safe_load(registry_file.read_text())
     data["matrices"]["t"].update(
-        compressions=["mag"], hooks=["layers.1.resid_post"],
-        sources=["original", "pruned:wanda@0.5", "pruned:magnitude@0.25", "pruned:latents@0.5"])
+        compressions=["mag"],
+        hooks=["layers.1.resid_post"],
+        sources=["original", "pruned:wanda@0.5", "pruned:magnitude@0.25", "pruned:latents@0.5"],
+    )
     registry_file.write_text(yaml.safe_dump(data))
     results = by_label(make_runner(tmp_path, registry_file).run("t"))
     assert len(results) == 5 and {r.status for r in results.values()} == {"done"}  # original on M and M_c, 3 pruned
     hook = "layers.1.resid_post"
-    wanda, magnitude, latents = (results[(hook, s, "mag")] for s in ("pruned:wanda@0.5", "pruned:magnitude@0.25", "pruned:latents@0.5"))
+    wanda, magnitude, latents = (
+        results[(hook, s, "mag")] for s in ("pruned:wanda@0.5", "pruned:magnitude@0.25", "pruned:latents@0.5")
+    )
     assert wanda.details["pruning"]["achieved"]["sparsity_W_enc"] == pytest.approx(0.5)
     assert magnitude.details["pruning"]["achieved"]["sparsity"] == pytest.approx(0.25)
-    assert latents.details["pruning"]["achieved"]["d_sae"] == 64 and latents.details["pruning"]["achieved"]["sparsity"] == pytest.approx(0.5)
+    assert latents.details["pruning"]["achieved"]["d_sae"] == 64 and latents.details["pruning"]["achieved"][
+        "sparsity"
+    ] == pytest.approx(0.5)
     # calibration split of M_c: 512 tokens less the BOS of each 64-token block
     assert wanda.cost["calibration_tokens"] == 512 - 8 and wanda.cost["prune_seconds"] > 0
     # a latent-pruned SAE keeps exact copies of original decoder rows
@@ -308,8 +358,8 @@ def test_pruned_sources_are_calibrated_on_the_compressed_model(tmp_path, registr
 
 
 def test_loaded_sae_in_saelens_format_is_scored_on_m_and_m_c(tmp_path, registry_file):
-    from harness.saelens import save_saelens
-    from plugins.sae.topk import TopK
+    from saex.plugins.sae.topk import TopK
+    from saex.saelens import save_saelens
 
     saved = tmp_path / "external-sae"
     save_saelens(TopK().build(64, TopK.Params(d_sae=96, k=6, normalize_input=False), seed=3), saved)
@@ -325,7 +375,7 @@ def test_loaded_sae_in_saelens_format_is_scored_on_m_and_m_c(tmp_path, registry_
 
 
 def test_loaded_source_must_exist(tmp_path, registry_file):
-    from harness.registry import RegistryError
+    from saex.registry import RegistryError
 
     data = yaml.safe_load(registry_file.read_text())
     data["matrices"]["t"]["sources"] = ["original", f"loaded:{tmp_path / 'nowhere'}"]
@@ -338,7 +388,7 @@ def test_loaded_source_must_exist(tmp_path, registry_file):
 def test_quantized_models_rerun_from_cache_give_the_same_scores(tmp_path, registry_file, compression):
     """W8A8 keeps an activation-quantizing forward and HQQ replaces modules: neither may be rebuilt from a
     state dict alone; GPTQ's baked weights may. All must score the same after the cache is partly cleared."""
-    from harness.cli import PROJECT_REGISTRY
+    from saex.cli import PROJECT_REGISTRY
 
     data = yaml.safe_load(registry_file.read_text())
     data.pop("compressions")
@@ -347,8 +397,14 @@ def test_quantized_models_rerun_from_cache_give_the_same_scores(tmp_path, regist
 
     def run(store):
         plugins = load_plugins(entry_points=False)
-        runner = Runner(plugins, load_registry([PROJECT_REGISTRY, registry_file], plugins), ResultsStore(store),
-                        Cache(tmp_path / "cache"), progress=False, log=lambda m: None)
+        runner = Runner(
+            plugins,
+            load_registry([PROJECT_REGISTRY, registry_file], plugins),
+            ResultsStore(store),
+            Cache(tmp_path / "cache"),
+            progress=False,
+            log=lambda m: None,
+        )
         return by_label(runner.run("t"))[("layers.1.resid_post", "original", compression)]
 
     first = run(tmp_path / "a.sqlite")

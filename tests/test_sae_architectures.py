@@ -9,19 +9,23 @@ import torch
 from test_sae_topk import ACTIVE, D_IN, planted
 from test_training import NaNAtBatch
 
-from harness.activations import TensorActivations
-from harness.plugins import load_plugins
-from harness.protocols import SAEArchitecture
-from harness.sae import SAE, load_sae, save_sae
-from harness.training import TrainingConfig, TrainingDiverged, train_sae
-from plugins.sae.batchtopk import BatchTopK, BatchTopKSAE
-from plugins.sae.jumprelu import JumpReLU, JumpReLUSAE
-from plugins.sae.relu import ReLU, ReLUSAE
-from plugins.sae.topk import TopK
+from saex.activations import TensorActivations
+from saex.manager import load_plugins
+from saex.plugins.sae.batchtopk import BatchTopK, BatchTopKSAE
+from saex.plugins.sae.jumprelu import JumpReLU, JumpReLUSAE
+from saex.plugins.sae.relu import ReLU, ReLUSAE
+from saex.plugins.sae.topk import TopK
+from saex.protocols import SAEArchitecture
+from saex.sae import SAE, load_sae, save_sae
+from saex.training import TrainingConfig, TrainingDiverged, train_sae
 
 CPU = torch.device("cpu")
-ARCHITECTURES: dict[str, SAEArchitecture] = {"relu": ReLU(), "topk": TopK(), "batchtopk": BatchTopK(),
-                                             "jumprelu": JumpReLU()}
+ARCHITECTURES: dict[str, SAEArchitecture] = {
+    "relu": ReLU(),
+    "topk": TopK(),
+    "batchtopk": BatchTopK(),
+    "jumprelu": JumpReLU(),
+}
 # per architecture: params that recover the planted dictionary in 60k tokens
 PARAMS: dict[str, dict[str, object]] = {
     "relu": {"l1_coefficient": 2.0},
@@ -115,6 +119,7 @@ def test_params_reject_unknown_keys(name):
 
 # --- ReLU ---------------------------------------------------------------------------------------------------
 
+
 def test_relu_l1_is_weighted_by_decoder_norm():
     _, x = planted(n=64)
     sae = build("relu", normalize_input=False, b_dec_init="zero", l1_coefficient=1.0)
@@ -145,6 +150,7 @@ def test_relu_latents_are_relu_of_preactivations(trained):
 
 # --- BatchTopK ----------------------------------------------------------------------------------------------
 
+
 def test_batchtopk_training_keeps_k_per_token_on_average(trained):
     sae, final = trained["batchtopk"]
     assert final["l0"] == pytest.approx(ACTIVE)  # exactly k * batch kept per training batch
@@ -174,6 +180,7 @@ def test_batchtopk_inference_does_not_depend_on_the_batch(trained):
 
 # --- JumpReLU -----------------------------------------------------------------------------------------------
 
+
 def test_jumprelu_thresholds_move_from_their_init(trained):
     sae, _ = trained["jumprelu"]
     assert isinstance(sae, JumpReLUSAE)
@@ -194,8 +201,14 @@ def test_jumprelu_latents_are_gated_by_their_thresholds(trained):
 def test_jumprelu_threshold_gradient_uses_rectangle_kernel():
     """d loss / d theta_j = lambda * -(1/eps) * #(|pre - theta| < eps/2) / n from the L0 term, plus the
     reconstruction term -(theta/eps) * K * dL/df; with lambda only (decoder zeroed) it is the first."""
-    sae = build("jumprelu", normalize_input=False, b_dec_init="zero", sparsity_coefficient=1.0, bandwidth=0.5,
-                threshold_init=1.0)
+    sae = build(
+        "jumprelu",
+        normalize_input=False,
+        b_dec_init="zero",
+        sparsity_coefficient=1.0,
+        bandwidth=0.5,
+        threshold_init=1.0,
+    )
     with torch.no_grad():
         sae.W_enc.zero_()
         sae.W_dec.zero_()
@@ -208,8 +221,9 @@ def test_jumprelu_threshold_gradient_uses_rectangle_kernel():
 
 def test_jumprelu_sparsity_penalty_lowers_l0(trained):
     _, x = planted()
-    unpenalised = train_sae(build("jumprelu", sparsity_coefficient=0.0), TensorActivations(x), TRAINING, device=CPU,
-                            progress=False).final["l0"]
+    unpenalised = train_sae(
+        build("jumprelu", sparsity_coefficient=0.0), TensorActivations(x), TRAINING, device=CPU, progress=False
+    ).final["l0"]
     assert trained["jumprelu"][1]["l0"] < 0.5 * unpenalised
 
 

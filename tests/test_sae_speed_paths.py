@@ -5,28 +5,29 @@ the dense reference."""
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
-from harness.sae import SparseLatentDecode, SparsePattern
-from plugins.sae.batchtopk import BatchTopK, batch_topk_indices
-from plugins.sae.jumprelu import JumpReLU, JumpReLUFunction, JumpReLUWithL0, StepFunction
-from plugins.sae.relu import ReLU
-from plugins.sae.topk import TopK
+from saex.plugins.sae.batchtopk import BatchTopK, batch_topk_indices
+from saex.plugins.sae.jumprelu import JumpReLU, JumpReLUFunction, JumpReLUWithL0, StepFunction
+from saex.plugins.sae.relu import ReLU
+from saex.plugins.sae.topk import TopK
+from saex.sae import SparseLatentDecode, SparsePattern
 
 F64 = torch.float64
 
 
 def weights(d_in: int = 6, d_sae: int = 20, seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return {name: torch.randn(*shape, generator=g, dtype=F64).requires_grad_()
-            for name, shape in {"b_dec": (d_in,), "W_enc": (d_in, d_sae), "b_enc": (d_sae,),
-                                "W_dec": (d_sae, d_in)}.items()}
+    return {
+        name: torch.randn(*shape, generator=g, dtype=F64).requires_grad_()
+        for name, shape in {"b_dec": (d_in,), "W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in)}.items()
+    }
 
 
-def sparse_out(w: dict[str, torch.Tensor], x: torch.Tensor, pattern: SparsePattern,
-               values: torch.Tensor) -> torch.Tensor:
+def sparse_out(
+    w: dict[str, torch.Tensor], x: torch.Tensor, pattern: SparsePattern, values: torch.Tensor
+) -> torch.Tensor:
     out, _ = SparseLatentDecode.apply(values, x, w["b_dec"], w["W_enc"], w["b_enc"], w["W_dec"], pattern)
     return out
 
@@ -131,8 +132,11 @@ def assert_training_gradients_match(sae: torch.nn.Module, reference_loss, x: tor
 
 
 def test_topk_training_loss_gradients_equal_the_dense_formulation_with_auxk():
-    sae = TopK().build(6, TopK.Params(d_sae=20, k=3, aux_k=4, dead_steps_threshold=1, normalize_input=False),
-                       seed=0).double()
+    sae = (
+        TopK()
+        .build(6, TopK.Params(d_sae=20, k=3, aux_k=4, dead_steps_threshold=1, normalize_input=False), seed=0)
+        .double()
+    )
     x = torch.randn(10, 6, dtype=F64)
     sae.steps_since_fired[:7] = 5  # latents 0..6 count as dead for AuxK
 
@@ -168,8 +172,11 @@ def test_batchtopk_training_loss_gradients_equal_the_dense_formulation():
 
 
 def test_jumprelu_training_loss_gradients_equal_the_separate_functions():
-    sae = JumpReLU().build(6, JumpReLU.Params(d_sae=20, normalize_input=False, sparsity_coefficient=0.5,
-                                              bandwidth=0.5), seed=0).double()
+    sae = (
+        JumpReLU()
+        .build(6, JumpReLU.Params(d_sae=20, normalize_input=False, sparsity_coefficient=0.5, bandwidth=0.5), seed=0)
+        .double()
+    )
     x = torch.randn(10, 6, dtype=F64)
     params = [sae.b_dec, sae.W_enc, sae.b_enc, sae.W_dec, sae.threshold]
 

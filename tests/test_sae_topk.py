@@ -8,17 +8,15 @@ import pluggy
 import pytest
 import torch
 
-from harness import spec
-from harness.activations import TensorActivations
-from harness.sae import SAEFormatError, load_sae, save_sae
-from harness.training import TrainingConfig, train_sae
-from plugins.sae import topk
-from plugins.sae.topk import TopK, TopKSAE
+from saex import spec
+from saex.activations import TensorActivations
+from saex.plugins.sae import topk
+from saex.plugins.sae.topk import TopK, TopKSAE
+from saex.sae import SAEFormatError, load_sae, save_sae
+from saex.training import TrainingConfig, train_sae
 
 D_IN, N_FEATURES, ACTIVE = 32, 64, 3
 CPU = torch.device("cpu")
-
-
 
 
 def planted(n: int = 8192, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,7 +54,9 @@ def test_topk_training_lowers_loss_and_recovers_planted_dictionary():
 def trained_sae() -> TopKSAE:
     _, x = planted()
     sae = build(dead_steps_threshold=20)
-    train_sae(sae, TensorActivations(x), TrainingConfig(tokens=40_000, batch_size=256, lr=3e-3), device=CPU, progress=False)
+    train_sae(
+        sae, TensorActivations(x), TrainingConfig(tokens=40_000, batch_size=256, lr=3e-3), device=CPU, progress=False
+    )
     return sae
 
 

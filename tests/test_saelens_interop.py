@@ -4,30 +4,27 @@ decode (to 1e-5), and ours saved with ``save_saelens`` load in SAELens with the 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
 
-from harness.saelens import load_pretrained, load_saelens, save_saelens
-from harness.sae import SAE, SAEFormatError, save_sae
-from plugins.sae.batchtopk import BatchTopK, BatchTopKSAE
-from plugins.sae.jumprelu import JumpReLU, JumpReLUSAE
-from plugins.sae.relu import ReLU, ReLUSAE
-from plugins.sae.topk import TopK, TopKSAE
+from saex.plugins.sae.batchtopk import BatchTopK, BatchTopKSAE
+from saex.plugins.sae.jumprelu import JumpReLU, JumpReLUSAE
+from saex.plugins.sae.relu import ReLU, ReLUSAE
+from saex.plugins.sae.topk import TopK, TopKSAE
+from saex.sae import SAE, SAEFormatError, save_sae
+from saex.saelens import load_pretrained, load_saelens, save_saelens
 
 sae_lens = pytest.importorskip("sae_lens")
 from sae_lens import SAE as LensSAE  # noqa: E402
 from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig  # noqa: E402
-from sae_lens.saes.jumprelu_sae import JumpReLUSAE as LensJumpReLU, JumpReLUSAEConfig  # noqa: E402
+from sae_lens.saes.jumprelu_sae import JumpReLUSAE as LensJumpReLU  # noqa: E402
+from sae_lens.saes.jumprelu_sae import JumpReLUSAEConfig  # noqa: E402
 from sae_lens.saes.standard_sae import StandardSAE, StandardSAEConfig  # noqa: E402
-from sae_lens.saes.topk_sae import (  # noqa: E402
-    TopKSAE as LensTopK,
-    TopKSAEConfig,
-    TopKTrainingSAE,
-    TopKTrainingSAEConfig,
-)
+from sae_lens.saes.topk_sae import TopKSAE as LensTopK  # noqa: E402
+from sae_lens.saes.topk_sae import TopKSAEConfig, TopKTrainingSAE, TopKTrainingSAEConfig  # noqa: E402
 
 D_IN, D_SAE, K = 24, 96, 6
 TOL = {"rtol": 1e-5, "atol": 1e-5}
@@ -64,6 +61,7 @@ def assert_same_sae(ours: SAE, lens: torch.nn.Module, x: torch.Tensor) -> None:
 
 # --- SAELens -> ours --------------------------------------------------------------------------------------
 
+
 def lens_standard() -> torch.nn.Module:
     return StandardSAE(StandardSAEConfig(d_in=D_IN, d_sae=D_SAE))
 
@@ -86,8 +84,13 @@ def lens_jumprelu() -> torch.nn.Module:
 
 @pytest.mark.parametrize(
     ("make", "expected"),
-    [(lens_standard, ReLUSAE), (lens_standard_no_b_dec_input, ReLUSAE), (lens_topk, TopKSAE),
-     (lens_topk_rescaled, TopKSAE), (lens_jumprelu, JumpReLUSAE)],
+    [
+        (lens_standard, ReLUSAE),
+        (lens_standard_no_b_dec_input, ReLUSAE),
+        (lens_topk, TopKSAE),
+        (lens_topk_rescaled, TopKSAE),
+        (lens_jumprelu, JumpReLUSAE),
+    ],
 )
 def test_sae_saved_by_saelens_loads_with_same_encode_and_decode(make: Callable, expected: type, tmp_path: Path):
     lens = make()
@@ -140,6 +143,7 @@ def test_topk_training_checkpoint_with_decoder_norm_rescaling_matches_saelens(tm
 
 # --- ours -> SAELens --------------------------------------------------------------------------------------
 
+
 def ours_randomised(name: str) -> SAE:
     arch = ARCHITECTURES[name]
     params = {"d_sae": D_SAE} | ({"k": K} if name in ("topk", "batchtopk") else {})
@@ -187,6 +191,7 @@ def test_load_pretrained_reads_saex_format_too(tmp_path: Path):
 
 
 # --- errors -----------------------------------------------------------------------------------------------
+
 
 def test_per_token_normalisation_is_refused_with_the_file_named(tmp_path: Path):
     lens = lens_standard()

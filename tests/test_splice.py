@@ -7,11 +7,11 @@ import pytest
 import torch
 from torch import nn
 
-from harness.corpus import special_mask
-from harness.hookpoints import HOOK_SITES, HookPoint, spliced
-from harness.protocols import SpliceContext
-from harness.splice import prefix, suffix_logits
-from plugins.metrics.downstream import CEKL
+from saex.corpus import special_mask
+from saex.hookpoints import HOOK_SITES, HookPoint, spliced
+from saex.plugins.metrics.downstream import CEKL
+from saex.protocols import SpliceContext
+from saex.splice import prefix, suffix_logits
 
 
 class Identity(nn.Module):
@@ -51,7 +51,7 @@ def test_suffix_equals_full_forward(tiny_llama, blocks, site, layer, single_thre
     hook = HookPoint(layer, site)
     with torch.no_grad():
         full = model(input_ids=blocks).logits
-        double = lambda x: 2 * x  # noqa: E731
+        double = lambda x: 2 * x
         mask = ~special_mask(blocks, tiny_llama.tokenizer)
         with spliced(model, hook, double, mask):
             full_spliced = model(input_ids=blocks).logits
@@ -61,15 +61,23 @@ def test_suffix_equals_full_forward(tiny_llama, blocks, site, layer, single_thre
     assert len(model.model.layers) == 4  # the full layer list is restored
 
 
-def score(tiny_llama, blocks, saes, hook=HookPoint(1, "resid_post"), ablate_at="all"):
+HOOK = HookPoint(1, "resid_post")
+
+
+def score(tiny_llama, blocks, saes, hook=HOOK, ablate_at="all"):
     ctx = SpliceContext(tiny_llama.model, hook, blocks, tiny_llama.tokenizer, torch.device("cpu"), saes)
     return CEKL().compute_spliced(ctx, CEKL.Params(max_tokens=10_000, batch_blocks=3, ablate_at=ablate_at))
 
 
 @pytest.mark.parametrize("site", HOOK_SITES)
 def test_perfect_sae_scores_one_and_zero_sae_scores_zero(tiny_llama, blocks, site, single_thread):
-    found = score(tiny_llama, blocks, {"perfect": Identity(), "zero": Zero(), "half": Scaled()}, HookPoint(1, site),
-                  ablate_at="sae")
+    found = score(
+        tiny_llama,
+        blocks,
+        {"perfect": Identity(), "zero": Zero(), "half": Scaled()},
+        HookPoint(1, site),
+        ablate_at="sae",
+    )
     perfect, zero, half = found["perfect"], found["zero"], found["half"]
     assert perfect["ce_loss_score"] == pytest.approx(1, abs=1e-5)
     assert perfect["kl_sae"] == pytest.approx(0, abs=1e-6) and perfect["kl_div_score"] == pytest.approx(1, abs=1e-5)
@@ -88,7 +96,9 @@ def test_default_ablation_zeroes_every_position_including_special_tokens(tiny_ll
     plain = blocks[:, 1:].clone()
     plain[plain == tiny_llama.tokenizer.eos_token_id] = 5
     without = score(tiny_llama, plain, {"zero": Zero()}, HookPoint(1, "mlp_out"))["zero"]
-    assert without["ce_loss_score"] == pytest.approx(0, abs=1e-6) and without["kl_div_score"] == pytest.approx(0, abs=1e-6)
+    assert without["ce_loss_score"] == pytest.approx(0, abs=1e-6) and without["kl_div_score"] == pytest.approx(
+        0, abs=1e-6
+    )
 
 
 def test_ce_clean_matches_a_manual_computation(tiny_llama, blocks):
@@ -111,8 +121,15 @@ def test_mean_ablation_baseline_scores_a_mean_sae_zero_and_a_perfect_one_one(tin
         def forward(self, x):
             return mean.expand_as(x), x
 
-    ctx = SpliceContext(tiny_llama.model, hook, blocks, tiny_llama.tokenizer, torch.device("cpu"),
-                        {"perfect": Identity(), "mean": Mean()}, mean_activation=mean)
+    ctx = SpliceContext(
+        tiny_llama.model,
+        hook,
+        blocks,
+        tiny_llama.tokenizer,
+        torch.device("cpu"),
+        {"perfect": Identity(), "mean": Mean()},
+        mean_activation=mean,
+    )
     found = CEKL().compute_spliced(ctx, CEKL.Params(max_tokens=10_000))
     assert found["mean"]["ce_loss_score_mean"] == pytest.approx(0, abs=1e-6)
     assert found["mean"]["kl_div_score_mean"] == pytest.approx(0, abs=1e-6)

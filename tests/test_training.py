@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
 import torch
 
-from harness.activations import TensorActivations
-from harness.training import CheckpointMismatch, TrainingConfig, TrainingDiverged, lr_factor, train_sae
-from plugins.sae.topk import TopK, TopKSAE
+from saex.activations import TensorActivations
+from saex.plugins.sae.topk import TopK, TopKSAE
+from saex.training import CheckpointMismatch, TrainingConfig, TrainingDiverged, lr_factor, train_sae
 
 CPU = torch.device("cpu")
-
-
 
 
 def build(**params: object) -> TopKSAE:
@@ -42,8 +40,9 @@ class NaNAtBatch:
 
 
 def test_training_uses_exact_token_budget_over_repeated_epochs():
-    result = train_sae(build(), TensorActivations(data(1000)), TrainingConfig(tokens=2500, batch_size=300),
-                       device=CPU, progress=False)
+    result = train_sae(
+        build(), TensorActivations(data(1000)), TrainingConfig(tokens=2500, batch_size=300), device=CPU, progress=False
+    )
     assert result.tokens == 2500
     assert result.steps == 10  # 300+300+300+100 twice, then 300+200
     assert set(result.final) == {"loss", "l0", "explained_variance", "dead_frac"}
@@ -62,8 +61,13 @@ def test_same_seed_gives_bit_identical_weights():
 def test_different_seed_changes_weights():
     saes = [build(), build()]
     for seed, sae in enumerate(saes):
-        train_sae(sae, TensorActivations(data()), TrainingConfig(tokens=2000, batch_size=128, seed=seed),
-                  device=CPU, progress=False)
+        train_sae(
+            sae,
+            TensorActivations(data()),
+            TrainingConfig(tokens=2000, batch_size=128, seed=seed),
+            device=CPU,
+            progress=False,
+        )
     assert not torch.equal(saes[0].W_dec, saes[1].W_dec)
 
 
@@ -76,8 +80,13 @@ def test_nan_in_activations_raises_diverged_naming_the_step():
 
 def test_huge_learning_rate_raises_diverged():
     with pytest.raises(TrainingDiverged, match="step"):
-        train_sae(build(), TensorActivations(data()), TrainingConfig(tokens=5000, batch_size=100, lr=1e30),
-                  device=CPU, progress=False)
+        train_sae(
+            build(),
+            TensorActivations(data()),
+            TrainingConfig(tokens=5000, batch_size=100, lr=1e30),
+            device=CPU,
+            progress=False,
+        )
 
 
 def test_lr_schedule_warms_up_holds_and_decays_to_zero():
@@ -124,12 +133,26 @@ def test_resumed_training_ends_with_the_same_weights_as_an_uninterrupted_run(tmp
     expected = train_sae(reference, TensorActivations(data()), cfg, device=CPU, progress=False)
     # batch 0 is the data-dependent init's read; batch 13 is training step 12, in the second epoch
     with pytest.raises(Interrupted):
-        train_sae(build(), InterruptAtBatch(data(), at=13), cfg, device=CPU, progress=False,
-                  checkpoint_dir=tmp_path, checkpoint_every=500)
+        train_sae(
+            build(),
+            InterruptAtBatch(data(), at=13),
+            cfg,
+            device=CPU,
+            progress=False,
+            checkpoint_dir=tmp_path,
+            checkpoint_every=500,
+        )
     assert (tmp_path / "checkpoint.pt").is_file()
     resumed = build()
-    result = train_sae(resumed, TensorActivations(data()), cfg, device=CPU, progress=False,
-                       checkpoint_dir=tmp_path, checkpoint_every=500)
+    result = train_sae(
+        resumed,
+        TensorActivations(data()),
+        cfg,
+        device=CPU,
+        progress=False,
+        checkpoint_dir=tmp_path,
+        checkpoint_every=500,
+    )
     assert_same_state(reference, resumed)
     assert (result.tokens, result.steps) == (expected.tokens, expected.steps)
     assert result.final == expected.final
@@ -138,11 +161,24 @@ def test_resumed_training_ends_with_the_same_weights_as_an_uninterrupted_run(tmp
 
 def test_checkpoint_of_another_run_is_refused(tmp_path):
     with pytest.raises(Interrupted):
-        train_sae(build(), InterruptAtBatch(data(), at=10), TrainingConfig(tokens=3000, batch_size=128),
-                  device=CPU, progress=False, checkpoint_dir=tmp_path, checkpoint_every=256)
+        train_sae(
+            build(),
+            InterruptAtBatch(data(), at=10),
+            TrainingConfig(tokens=3000, batch_size=128),
+            device=CPU,
+            progress=False,
+            checkpoint_dir=tmp_path,
+            checkpoint_every=256,
+        )
     with pytest.raises(CheckpointMismatch, match=r"checkpoint\.pt: checkpoint of another run"):
-        train_sae(build(), TensorActivations(data()), TrainingConfig(tokens=3000, batch_size=128, lr=1e-4),
-                  device=CPU, progress=False, checkpoint_dir=tmp_path)
+        train_sae(
+            build(),
+            TensorActivations(data()),
+            TrainingConfig(tokens=3000, batch_size=128, lr=1e-4),
+            device=CPU,
+            progress=False,
+            checkpoint_dir=tmp_path,
+        )
 
 
 def test_bf16_autocast_keeps_metrics_within_one_percent_of_fp32():

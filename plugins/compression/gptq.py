@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING
 
 from pydantic import Field
 
-from harness.spec import hookimpl
-from plugins.compression.llmcompressor_oneshot import OneshotQuantizer, QuantParams, quantization_modifier
+from saex import hookimpl
+from saex.plugins.compression.llmcompressor_oneshot import OneshotQuantizer, QuantParams, quantization_modifier
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -31,8 +31,9 @@ class GPTQ(OneshotQuantizer):
     def modifier(self, model: "PreTrainedModel", params: Params):
         from llmcompressor.modifiers.gptq import GPTQModifier
 
-        return quantization_modifier(GPTQModifier, model, params, block_size=params.block_size,
-                                     dampening_frac=params.dampening_frac)
+        return quantization_modifier(
+            GPTQModifier, model, params, block_size=params.block_size, dampening_frac=params.dampening_frac
+        )
 
 
 @hookimpl

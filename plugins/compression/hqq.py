@@ -4,7 +4,7 @@ zero point (found by hqq's half-quadratic optimiser; no calibration data).
 
 The transformers ``HqqConfig`` route fails on CPU, so the layers are swapped here directly. ``compute_dtype``
 is the layer's own dtype (float32 for saex models), the device is ``ctx.device`` (CPU or CUDA).
-Verification reads the weight through ``HQQLinear.dequantize()`` (harness.verify.dense_weight).
+Verification reads the weight through ``HQQLinear.dequantize()`` (saex.verify.dense_weight).
 """
 
 from __future__ import annotations
@@ -13,9 +13,7 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from harness.protocols import CompressionContext, CompressionExpectation
-from harness.spec import hookimpl
-from harness.verify import Targets, check_group_size, linear_layers
+from saex import CompressionContext, CompressionExpectation, Targets, check_group_size, hookimpl, linear_layers
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -30,12 +28,14 @@ class HQQ:
 
         nbits: Literal[1, 2, 3, 4, 8] = Field(4, description="weight bit width: 1, 2, 3, 4 or 8")
         group_size: int | None = Field(
-            64, gt=0,
+            64,
+            gt=0,
             description="weights per group, a multiple of 8 dividing every targeted layer's input width "
-                        "(axis 1) or output width (axis 0); null = one group per row (axis 1) or column (axis 0)",
+            "(axis 1) or output width (axis 0); null = one group per row (axis 1) or column (axis 0)",
         )
         axis: Literal[0, 1] = Field(
-            1, description="1: groups along the input dim (hqq's default); 0: hqq's axis-0 layout")
+            1, description="1: groups along the input dim (hqq's default); 0: hqq's axis-0 layout"
+        )
         targets: Targets = Field(default_factory=Targets, description="which Linear layers are quantized")
 
         @field_validator("group_size")
@@ -52,8 +52,9 @@ class HQQ:
         check_group_size(layers, params.group_size, params.axis)
         config = BaseQuantizeConfig(nbits=params.nbits, group_size=params.group_size, axis=params.axis)
         for name, layer in layers.items():
-            quantized = HQQLinear(layer, quant_config=config, compute_dtype=layer.weight.dtype,
-                                  device=str(ctx.device), del_orig=True)
+            quantized = HQQLinear(
+                layer, quant_config=config, compute_dtype=layer.weight.dtype, device=str(ctx.device), del_orig=True
+            )
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name), child, quantized)
         return model
@@ -61,8 +62,9 @@ class HQQ:
     def expectation(self, model: "PreTrainedModel", params: Params) -> CompressionExpectation:
         layers = linear_layers(model, params.targets)
         check_group_size(layers, params.group_size, params.axis)
-        return CompressionExpectation(targets=list(layers), bits=params.nbits, group_size=params.group_size,
-                                      group_axis=params.axis)
+        return CompressionExpectation(
+            targets=list(layers), bits=params.nbits, group_size=params.group_size, group_axis=params.axis
+        )
 
 
 @hookimpl

@@ -20,20 +20,20 @@ from __future__ import annotations
 
 import re
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from harness.protocols import CompressionContext, CompressionExpectation
-from harness.verify import Targets, check_group_size, linear_layers
+from saex import CompressionContext, CompressionExpectation, Targets, check_group_size, linear_layers
 
 if TYPE_CHECKING:
     from llmcompressor.modifiers import Modifier
     from transformers import PreTrainedModel
 
-    from plugins.compression.magnitude import PruningParams
+    from saex.plugins.compression.magnitude import PruningParams
 
 LM_HEAD_IGNORE = "re:.*lm_head"
 
@@ -128,8 +128,9 @@ def bake_quantized_weights(model: "PreTrainedModel") -> list[str]:
     return baked
 
 
-def prune(model: "PreTrainedModel", params: "PruningParams", ctx: CompressionContext, modifier_cls: type,
-          **options: object) -> "PreTrainedModel":
+def prune(
+    model: "PreTrainedModel", params: "PruningParams", ctx: CompressionContext, modifier_cls: type, **options: object
+) -> "PreTrainedModel":
     """Run an llm-compressor sparsity modifier (``WandaPruningModifier``, ``SparseGPTModifier``) on the
     layers ``params`` selects. Our ``N:M`` means N kept of M; llm-compressor's ``mask_structure`` counts
     the pruned ones, so "1:4" here is its "3:4" (2:4 and 4:8 read the same either way)."""
@@ -140,8 +141,9 @@ def prune(model: "PreTrainedModel", params: "PruningParams", ctx: CompressionCon
         n, m = params.n_m
         mask_structure = f"{m - n}:{m}"
     targets, ignore = linear_selection(model, expectation.targets)
-    modifier = modifier_cls(sparsity=params.target_sparsity, mask_structure=mask_structure,
-                            targets=targets, ignore=ignore, **options)
+    modifier = modifier_cls(
+        sparsity=params.target_sparsity, mask_structure=mask_structure, targets=targets, ignore=ignore, **options
+    )
     return run_oneshot(model, modifier, ctx)
 
 
@@ -152,9 +154,10 @@ class QuantParams(BaseModel):
 
     bits: Literal[4, 8] = Field(4, description="weight bit width: 4 or 8")
     group_size: int | None = Field(
-        64, gt=0,
+        64,
+        gt=0,
         description="weights per quantization group along the input dim; must divide every targeted layer's "
-                    "input width (SmolLM2: 576, so not 128); null = one scale per output channel",
+        "input width (SmolLM2: 576, so not 128); null = one scale per output channel",
     )
     symmetric: bool = Field(True, description="symmetric integer grid (no zero point), as llm-compressor's presets")
     targets: Targets = Field(default_factory=Targets, description="which Linear layers are quantized")
@@ -171,20 +174,34 @@ class QuantParams(BaseModel):
         from compressed_tensors.quantization import QuantizationArgs
 
         strategy = "channel" if self.group_size is None else "group"
-        return QuantizationArgs(num_bits=self.bits, type="int", symmetric=self.symmetric, strategy=strategy,
-                                group_size=self.group_size, dynamic=False)
+        return QuantizationArgs(
+            num_bits=self.bits,
+            type="int",
+            symmetric=self.symmetric,
+            strategy=strategy,
+            group_size=self.group_size,
+            dynamic=False,
+        )
 
 
-def quantization_modifier(modifier_cls: type, model: "PreTrainedModel", params: QuantParams,
-                          activation_bits: int | None = None, **options: object) -> "Modifier":
+def quantization_modifier(
+    modifier_cls: type,
+    model: "PreTrainedModel",
+    params: QuantParams,
+    activation_bits: int | None = None,
+    **options: object,
+) -> "Modifier":
     """An llm-compressor quantization modifier (``QuantizationModifier``, ``GPTQModifier``) for the layers
     ``params`` selects: weights as ``params`` says, and optionally dynamic per-token symmetric integer input
     activations (W8A8 when both are 8 bits)."""
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
     targets, ignore = linear_selection(model, params.expectation(model).targets)
-    inputs = None if activation_bits is None else QuantizationArgs(
-        num_bits=activation_bits, type="int", symmetric=True, strategy="token", dynamic=True)
+    inputs = (
+        None
+        if activation_bits is None
+        else QuantizationArgs(num_bits=activation_bits, type="int", symmetric=True, strategy="token", dynamic=True)
+    )
     scheme = QuantizationScheme(targets=targets, weights=params.weight_args(), input_activations=inputs)
     return modifier_cls(config_groups={"group_0": scheme}, ignore=ignore, **options)
 

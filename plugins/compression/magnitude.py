@@ -17,9 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from harness.protocols import CompressionContext, CompressionExpectation
-from harness.spec import hookimpl
-from harness.verify import Targets, linear_layers
+from saex import CompressionContext, CompressionExpectation, Targets, hookimpl, linear_layers
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -37,9 +35,12 @@ class PruningParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     sparsity: float | None = Field(
-        None, ge=0.0, lt=1.0, allow_inf_nan=False,
+        None,
+        ge=0.0,
+        lt=1.0,
+        allow_inf_nan=False,
         description="fraction of weights set to zero in every targeted Linear layer, 0 <= sparsity < 1 "
-                    "(implied by an N:M pattern)",
+        "(implied by an N:M pattern)",
     )
     pattern: str = Field(UNSTRUCTURED, description="'unstructured' or 'N:M' with 0 < N < M, e.g. '2:4', '4:8'")
     targets: Targets = Field(default_factory=Targets, description="which Linear layers are pruned")

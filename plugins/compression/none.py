@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from harness.protocols import CompressionContext, CompressionExpectation, NoParams
-from harness.spec import hookimpl
+from saex import CompressionContext, CompressionExpectation, NoParams, hookimpl
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel

@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
 
-from harness.spec import hookimpl
-from plugins.compression.llmcompressor_oneshot import OneshotQuantizer, QuantParams, quantization_modifier
+from saex import hookimpl
+from saex.plugins.compression.llmcompressor_oneshot import OneshotQuantizer, QuantParams, quantization_modifier
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -24,8 +24,9 @@ class RTN(OneshotQuantizer):
 
     class Params(QuantParams):
         activation_bits: Literal[8] | None = Field(
-            None, description="8: also quantize Linear inputs to int8, dynamic per token (W8A8 with bits 8 "
-                              "and group_size null); null: weight-only",
+            None,
+            description="8: also quantize Linear inputs to int8, dynamic per token (W8A8 with bits 8 "
+            "and group_size null); null: weight-only",
         )
 
     def modifier(self, model: "PreTrainedModel", params: Params):

@@ -10,10 +10,9 @@ from typing import TYPE_CHECKING
 
 from pydantic import Field
 
-from harness.protocols import CompressionContext, CompressionExpectation
-from harness.spec import hookimpl
-from plugins.compression.llmcompressor_oneshot import prune
-from plugins.compression.magnitude import PruningParams
+from saex import CompressionContext, CompressionExpectation, hookimpl
+from saex.plugins.compression.llmcompressor_oneshot import prune
+from saex.plugins.compression.magnitude import PruningParams
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -30,8 +29,9 @@ class SparseGPT:
     def compress(self, model: "PreTrainedModel", params: Params, ctx: CompressionContext) -> "PreTrainedModel":
         from llmcompressor.modifiers.pruning.sparsegpt import SparseGPTModifier
 
-        return prune(model, params, ctx, SparseGPTModifier,
-                     block_size=params.block_size, dampening_frac=params.dampening_frac)
+        return prune(
+            model, params, ctx, SparseGPTModifier, block_size=params.block_size, dampening_frac=params.dampening_frac
+        )
 
     def expectation(self, model: "PreTrainedModel", params: Params) -> CompressionExpectation:
         return params.expectation(model)

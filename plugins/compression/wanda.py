@@ -9,11 +9,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from harness.protocols import CompressionContext, CompressionExpectation
-from harness.spec import hookimpl
-from harness.verify import linear_layers
-from plugins.compression.llmcompressor_oneshot import prune
-from plugins.compression.magnitude import PruningParams
+from saex import CompressionContext, CompressionExpectation, hookimpl, linear_layers
+from saex.plugins.compression.llmcompressor_oneshot import prune
+from saex.plugins.compression.magnitude import PruningParams
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel

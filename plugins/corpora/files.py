@@ -6,13 +6,13 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, field_validator
 
-from harness.models import file_digest
-from harness.spec import hookimpl
+from saex import file_digest, hookimpl
 
 
 class LocalFiles:
@@ -34,7 +34,9 @@ class LocalFiles:
             return paths
 
     def _files(self, params: Params) -> list[Path]:
-        files = sorted({Path(p) for pattern in params.paths for p in glob.glob(str(Path(pattern).expanduser()), recursive=True)})
+        files = sorted(
+            {Path(p) for pattern in params.paths for p in glob.glob(str(Path(pattern).expanduser()), recursive=True)}
+        )
         files = [f for f in files if f.is_file()]
         if not files:
             raise FileNotFoundError(f"corpus 'files': no file matches {params.paths}")

@@ -6,13 +6,10 @@ One document per chapter (verses joined by spaces), in canonical book order.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from itertools import groupby
-from typing import Iterator
 
-from harness.assets import kjv_jsonl
-from harness.models import file_digest
-from harness.protocols import NoParams
-from harness.spec import hookimpl
+from saex import NoParams, file_digest, hookimpl, kjv_jsonl
 
 
 class KJV:

@@ -16,16 +16,14 @@ scores ce_loss_score_mean, kl_div_score_mean against it: an informative baseline
 from __future__ import annotations
 
 import math
-from typing import Callable, Literal
+from collections.abc import Callable
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
-from harness.corpus import special_mask
-from harness.protocols import SpliceContext
-from harness.spec import hookimpl
-from harness.splice import prefix, sae_transform, suffix_logits, zero_ablation
+from saex import SpliceContext, hookimpl, prefix, sae_transform, special_mask, suffix_logits, zero_ablation
 
 
 class _Pooled:
@@ -37,8 +35,14 @@ class _Pooled:
         self.n_ce = 0
         self.n_kl = 0
 
-    def add(self, logp: torch.Tensor, clean_logp: torch.Tensor, clean_p: torch.Tensor, has_target: torch.Tensor,
-            targets: torch.Tensor) -> None:
+    def add(
+        self,
+        logp: torch.Tensor,
+        clean_logp: torch.Tensor,
+        clean_p: torch.Tensor,
+        has_target: torch.Tensor,
+        targets: torch.Tensor,
+    ) -> None:
         """``logp``/``clean_logp``: [n, vocab] at the scored positions, ``clean_p`` = ``clean_logp.exp()``;
         ``has_target`` [n] marks the rows that predict ``targets``."""
         self.ce += float(F.nll_loss(logp[has_target], targets, reduction="sum").double())
@@ -64,9 +68,12 @@ def _score(worse: float, better: float, best: float) -> float:
 def _scores(baseline: _Pooled, sae: _Pooled, clean: _Pooled, name: str, suffix: str) -> dict[str, float]:
     """The baseline's CE and KL and the SAE's scores against it (``ce_loss_score{suffix}``,
     ``kl_div_score{suffix}``)."""
-    return {f"ce_{name}": baseline.mean_ce, f"kl_{name}": baseline.mean_kl,
-            f"ce_loss_score{suffix}": _score(baseline.mean_ce, sae.mean_ce, clean.mean_ce),
-            f"kl_div_score{suffix}": _score(baseline.mean_kl, sae.mean_kl, 0.0)}
+    return {
+        f"ce_{name}": baseline.mean_ce,
+        f"kl_{name}": baseline.mean_kl,
+        f"ce_loss_score{suffix}": _score(baseline.mean_ce, sae.mean_ce, clean.mean_ce),
+        f"kl_div_score{suffix}": _score(baseline.mean_kl, sae.mean_kl, 0.0),
+    }
 
 
 class CEKL:
@@ -76,10 +83,13 @@ class CEKL:
 
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid")
-        max_tokens: int = Field(8192, gt=0, description="eval tokens used (leading eval blocks); the same for every SAE")
+        max_tokens: int = Field(
+            8192, gt=0, description="eval tokens used (leading eval blocks); the same for every SAE"
+        )
         batch_blocks: int = Field(4, gt=0)
         ablate_at: Literal["all", "sae"] = Field(
-            "all", description="zero-ablate every position (SAELens) or only where the SAE is spliced in")
+            "all", description="zero-ablate every position (SAELens) or only where the SAE is spliced in"
+        )
 
     def compute_spliced(self, ctx: SpliceContext, params: Params) -> dict[str, dict[str, float]]:
         n_blocks = max(1, min(len(ctx.blocks), params.max_tokens // ctx.blocks.shape[1]))
@@ -99,7 +109,7 @@ class CEKL:
             targets = ids[:, 1:][predicts[:, :-1]]
             hidden = prefix(ctx.model, ids, ctx.hook)
 
-            def logp(fn, mask) -> torch.Tensor:
+            def logp(fn, mask, hidden=hidden, scored=scored) -> torch.Tensor:
                 logits = suffix_logits(ctx.model, hidden, ctx.hook, fn, mask)
                 return F.log_softmax(logits[scored].float(), dim=-1)
 
@@ -112,8 +122,13 @@ class CEKL:
         clean, results = pooled["clean"], {}
         for label in ctx.saes:
             sae = pooled[label]
-            found = {"ce_clean": clean.mean_ce, "ce_sae": sae.mean_ce, "kl_sae": sae.mean_kl,
-                     "ce_tokens": float(sae.n_ce), "kl_tokens": float(sae.n_kl)}
+            found = {
+                "ce_clean": clean.mean_ce,
+                "ce_sae": sae.mean_ce,
+                "kl_sae": sae.mean_kl,
+                "ce_tokens": float(sae.n_ce),
+                "kl_tokens": float(sae.n_kl),
+            }
             for baseline, suffix in (("ablated", ""), ("mean_ablated", "_mean")):
                 if baseline in pooled:
                     found |= _scores(pooled[baseline], sae, clean, baseline, suffix)

@@ -7,14 +7,14 @@ each dimension on its own mean over all tokens (not SAEBench 0.6's scalar mean, 
 
 from __future__ import annotations
 
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, PositiveInt
 
-from harness.protocols import Metric, MetricContext
-from harness.spec import hookimpl
+from saex import Metric, MetricContext, hookimpl
 
 DENSE_THRESHOLD = 0.1  # a latent firing on more than this share of tokens counts as dense
 L2_RATIO_MIN_NORM = 1e-4  # inputs with a smaller norm are divided by 1 instead (as SAELens does)
@@ -150,7 +150,9 @@ def reconstruction_stats(ctx: MetricContext, batch_size: int) -> ReconstructionS
         raise ValueError("the eval activation source holds zero tokens: nothing to score the SAE on")
     sae_d_in = getattr(ctx.sae, "d_in", None)
     if sae_d_in is not None and sae_d_in != source.d_in:
-        raise ValueError(f"the SAE expects inputs of width d_in={sae_d_in}, the eval activations have width {source.d_in}")
+        raise ValueError(
+            f"the SAE expects inputs of width d_in={sae_d_in}, the eval activations have width {source.d_in}"
+        )
     sae: SAELike = ctx.sae
     stats = ReconstructionStats()
     with torch.no_grad():

@@ -17,8 +17,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict
 
-from harness.protocols import MetricContext
-from harness.spec import hookimpl
+from saex import MetricContext, hookimpl
 
 MATCH_THRESHOLD = 0.7
 
@@ -27,7 +26,7 @@ class _LatentPairStats:
     """Streaming float64 sums for per-latent Pearson correlation and firing densities of two codes."""
 
     def __init__(self, d_sae: int):
-        zeros = lambda: torch.zeros(d_sae, dtype=torch.float64)  # noqa: E731
+        zeros = lambda: torch.zeros(d_sae, dtype=torch.float64)
         self.sa, self.sb, self.saa, self.sbb, self.sab = zeros(), zeros(), zeros(), zeros(), zeros()
         self.fa, self.fb = zeros(), zeros()
         self.n = 0
@@ -52,7 +51,9 @@ class _LatentPairStats:
         da, db = self.fa / n, self.fb / n
         return {
             "freq_shift_mean_abs": float((db - da).abs().mean()),
-            "freq_corr": float(torch.corrcoef(torch.stack([da, db]))[0, 1]) if da.std() > 0 and db.std() > 0 else float("nan"),
+            "freq_corr": float(torch.corrcoef(torch.stack([da, db]))[0, 1])
+            if da.std() > 0 and db.std() > 0
+            else float("nan"),
             "act_corr_mean": float(corr.mean()) if active.any() else float("nan"),
             "act_corr_latents": float(active.sum()),
         }
@@ -68,7 +69,9 @@ def decoder_match(w_dec: torch.Tensor, reference: torch.Tensor, chunk: int = 204
 class Transfer:
     name = "transfer"
     scope = "sae"
-    description = "firing-frequency shift and per-latent activation correlation M vs M_c; decoder match to the original SAE"
+    description = (
+        "firing-frequency shift and per-latent activation correlation M vs M_c; decoder match to the original SAE"
+    )
 
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid")
@@ -80,14 +83,19 @@ class Transfer:
             if ctx.reference_activations.n_tokens != ctx.eval_activations.n_tokens:
                 raise ValueError("reference and eval activations must cover the same tokens (row-aligned)")
             stats = _LatentPairStats(ctx.sae.d_sae)
-            pairs = zip(ctx.reference_activations.iter_batches(ctx.batch_size), ctx.eval_activations.iter_batches(ctx.batch_size))
+            pairs = zip(
+                ctx.reference_activations.iter_batches(ctx.batch_size),
+                ctx.eval_activations.iter_batches(ctx.batch_size),
+            )
             for ref, cur in pairs:
                 stats.add(ctx.sae.encode(ref.to(ctx.device)), ctx.sae.encode(cur.to(ctx.device)))
             values |= stats.result()
         if ctx.reference_sae is not None:
             best = decoder_match(ctx.sae.W_dec.detach(), ctx.reference_sae.W_dec.detach())
-            values |= {"dec_match_mean_max_cos": float(best.mean()),
-                       f"dec_match_share_above_{MATCH_THRESHOLD}": float((best > MATCH_THRESHOLD).float().mean())}
+            values |= {
+                "dec_match_mean_max_cos": float(best.mean()),
+                f"dec_match_share_above_{MATCH_THRESHOLD}": float((best > MATCH_THRESHOLD).float().mean()),
+            }
         return values
 
 

@@ -9,9 +9,7 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from harness.models import directory_fingerprint, load_hf
-from harness.protocols import LoadedModel
-from harness.spec import hookimpl
+from saex import LoadedModel, directory_fingerprint, hookimpl, load_hf
 
 
 class HuggingFace:

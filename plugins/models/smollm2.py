@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from harness.assets import smollm2_dir
-from harness.models import directory_fingerprint, load_hf
-from harness.protocols import LoadedModel, NoParams
-from harness.spec import hookimpl
+from saex import LoadedModel, NoParams, directory_fingerprint, hookimpl, load_hf, smollm2_dir
 
 
 class SmolLM2:

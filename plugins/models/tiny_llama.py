@@ -7,8 +7,7 @@ import hashlib
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from harness.protocols import LoadedModel
-from harness.spec import hookimpl
+from saex import LoadedModel, hookimpl
 
 SPECIAL_TOKENS = ["<s>", "</s>", "<pad>"]
 
@@ -44,8 +43,12 @@ class TinyLlama:
 
         tokenizer = byte_tokenizer()
         config = LlamaConfig(
-            vocab_size=len(tokenizer), bos_token_id=0, eos_token_id=1, pad_token_id=2,
-            max_position_embeddings=1024, **params.model_dump(exclude={"seed"}),
+            vocab_size=len(tokenizer),
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=2,
+            max_position_embeddings=1024,
+            **params.model_dump(exclude={"seed"}),
         )
         torch.manual_seed(params.seed)
         model = LlamaForCausalLM(config).to(device).eval()

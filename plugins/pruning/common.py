@@ -17,8 +17,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from harness.protocols import ActivationSource
-from harness.sae import SAE
+from saex import SAE, ActivationSource
 
 Matrix = Literal["W_enc", "W_dec"]
 MATRICES: tuple[Matrix, Matrix] = ("W_enc", "W_dec")

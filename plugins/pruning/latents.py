@@ -14,14 +14,14 @@ as they are (``common.keep_latents``). A TopK SAE must keep at least k latents.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import torch
 from pydantic import Field
 
-from harness.protocols import ActivationSource
-from harness.sae import SAE
-from plugins.pruning.common import (
+from saex import SAE, ActivationSource, SAEPruner, hookimpl
+from saex.plugins.pruning.common import (
     CalibrationParams,
     CalibrationStats,
     calibration_stats,
@@ -62,3 +62,7 @@ class LatentsPruner:
         stats = calibration_stats(sae, calibration, params)
         return keep_latents(sae, kept_latents(latent_scores(sae, stats, params.score), sparsity))
 
+
+@hookimpl
+def register_sae_pruners(register: Callable[[SAEPruner], None]) -> None:
+    register(LatentsPruner())

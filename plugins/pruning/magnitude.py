@@ -8,11 +8,12 @@ renormalised. The calibration source is not read.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from pydantic import BaseModel, ConfigDict, Field
 
-from harness.protocols import ActivationSource
-from harness.sae import SAE
-from plugins.pruning.common import MATRICES, Matrix, check_sparsity, prune_columns
+from saex import SAE, ActivationSource, SAEPruner, hookimpl
+from saex.plugins.pruning.common import MATRICES, Matrix, check_sparsity, prune_columns
 
 
 class MagnitudeParams(BaseModel):
@@ -31,3 +32,7 @@ class MagnitudePruner:
         scores = {name: getattr(sae, name).detach().abs() for name in dict.fromkeys(params.matrices)}
         return prune_columns(sae, scores, sparsity)
 
+
+@hookimpl
+def register_sae_pruners(register: Callable[[SAEPruner], None]) -> None:
+    register(MagnitudePruner())

@@ -17,12 +17,13 @@ stay as they are.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from pydantic import Field
 
-from harness.protocols import ActivationSource
-from harness.sae import SAE
-from plugins.pruning.common import (
+from saex import SAE, ActivationSource, SAEPruner, hookimpl
+from saex.plugins.pruning.common import (
     MATRICES,
     CalibrationParams,
     Matrix,
@@ -57,3 +58,7 @@ class WandaPruner:
         scores = wanda_scores(sae, stats.input_norm, stats.latent_norm)
         return prune_columns(sae, {name: scores[name] for name in dict.fromkeys(params.matrices)}, sparsity)
 
+
+@hookimpl
+def register_sae_pruners(register: Callable[[SAEPruner], None]) -> None:
+    register(WandaPruner())

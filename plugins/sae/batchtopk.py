@@ -7,15 +7,14 @@ lags when the run has few steps: its time constant is 1 / threshold_lr steps).""
 
 from __future__ import annotations
 
-from typing import Callable, Literal
+from collections.abc import Callable
+from typing import Literal
 
 import torch
 from pydantic import Field
 
-from harness.protocols import ActivationSource
-from harness.sae import SparsePattern, TrainStep, sample_batches
-from harness.spec import hookimpl
-from plugins.sae.topk import TopKParams, TopKSAE
+from saex import ActivationSource, SparsePattern, TrainStep, hookimpl, sample_batches
+from saex.plugins.sae.topk import TopKParams, TopKSAE
 
 
 class BatchTopKParams(TopKParams):
@@ -71,7 +70,6 @@ class BatchTopKSAE(TopKSAE):
             lr = self.params.threshold_lr
             updated = (1 - lr) * self.threshold.double() + lr * positive.min().double()
             self.threshold.copy_(updated.to(self.threshold.dtype))
-
 
     @torch.no_grad()
     def after_training(self, source: ActivationSource, batch_size: int) -> None:

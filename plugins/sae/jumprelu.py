@@ -4,13 +4,13 @@ rectangle kernel of width ``bandwidth`` for the gradient with respect to theta."
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from pydantic import Field
 
-from harness.sae import SAE, SAEParams, TrainStep
-from harness.spec import hookimpl
+from saex import SAE, SAEParams, TrainStep, hookimpl
 
 
 def rectangle(u: torch.Tensor) -> torch.Tensor:
@@ -70,8 +70,9 @@ class JumpReLUWithL0(torch.autograd.Function):
     bf16-rounded theta (~0.4% steps) shifts L0 by ~1%."""
 
     @staticmethod
-    def forward(ctx: Any, pre: torch.Tensor, theta: torch.Tensor, bandwidth: float
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        ctx: Any, pre: torch.Tensor, theta: torch.Tensor, bandwidth: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         active = pre > theta
         window = pre > theta - 0.5 * bandwidth  # rectangle((pre - theta) / eps) != 0
         window &= pre < theta + 0.5 * bandwidth
@@ -84,8 +85,7 @@ class JumpReLUWithL0(torch.autograd.Function):
         return f, l0
 
     @staticmethod
-    def backward(ctx: Any, grad_f: torch.Tensor, grad_l0: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor, None]:
+    def backward(ctx: Any, grad_f: torch.Tensor, grad_l0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
         active, in_window, theta = ctx.saved_tensors
         (n, d_sae), eps = active.shape, ctx.bandwidth
         grad_pre = torch.where(active, grad_f, 0)

@@ -4,13 +4,12 @@ penalty ramps up linearly over a warm-up so latents can form before sparsity bit
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from pydantic import Field
 
-from harness.sae import SAE, SAEParams, TrainStep
-from harness.spec import hookimpl
+from saex import SAE, SAEParams, TrainStep, hookimpl
 
 
 class ReLUParams(SAEParams):

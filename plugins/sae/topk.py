@@ -3,14 +3,13 @@ pre-activations per token, with an AuxK loss that lets dead latents learn to exp
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from harness.sae import SAE, SAEParams, SparseLatentDecode, SparsePattern, TrainStep, latents_fired
-from harness.spec import hookimpl
+from saex import SAE, SAEParams, SparseLatentDecode, SparsePattern, TrainStep, hookimpl, latents_fired
 
 
 class TopKParams(SAEParams):
@@ -74,16 +73,18 @@ class TopKSAE(SAE):
             values = values.gather(-1, order).flatten()
         return self._sparse_step(x, pre, pattern, values)
 
-    def _sparse_step(self, x: torch.Tensor, pre: torch.Tensor, pattern: SparsePattern,
-                     values: torch.Tensor) -> TrainStep:
+    def _sparse_step(
+        self, x: torch.Tensor, pre: torch.Tensor, pattern: SparsePattern, values: torch.Tensor
+    ) -> TrainStep:
         """Decode the selected pre-activations ``values`` at ``pattern`` and add the AuxK loss; ``x`` scaled,
         ``pre`` the batch's pre-activations (no gradient)."""
         out, acts = SparseLatentDecode.apply(values, x, self.b_dec, self.W_enc, self.b_enc, self.W_dec, pattern)
         x_hat = out + self.b_dec
         return self._loss_with_auxk(x, x_hat, pre, pattern.csr(acts), latents_fired(pattern.cols, acts, self.d_sae))
 
-    def _loss_with_auxk(self, x: torch.Tensor, x_hat: torch.Tensor, pre: torch.Tensor, f: torch.Tensor,
-                        fired: torch.Tensor) -> TrainStep:
+    def _loss_with_auxk(
+        self, x: torch.Tensor, x_hat: torch.Tensor, pre: torch.Tensor, f: torch.Tensor, fired: torch.Tensor
+    ) -> TrainStep:
         """MSE (summed over dimensions, mean over tokens) + aux_coefficient * AuxK; updates the dead counters.
         ``x`` and ``x_hat`` are scaled; ``f`` (dense or sparse CSR) carries no gradient; ``fired`` bool [d_sae]."""
         mse = (x_hat - x).pow(2).sum(-1).mean()
@@ -94,8 +95,9 @@ class TopKSAE(SAE):
         parts = {"mse": mse.item(), "auxk": auxk.item()}
         return TrainStep(loss, x_hat.detach() / self.norm_scale, f, parts)
 
-    def _auxk_loss(self, x: torch.Tensor, pre: torch.Tensor, dead: torch.Tensor,
-                   residual: torch.Tensor) -> torch.Tensor:
+    def _auxk_loss(
+        self, x: torch.Tensor, pre: torch.Tensor, dead: torch.Tensor, residual: torch.Tensor
+    ) -> torch.Tensor:
         """Reconstruct the main loss's residual from the top-aux_k dead latents; scaled down while few
         latents are dead (as in EleutherAI's sae and SAELens). Sparse like the main path: the top-k runs over
         the dead columns of ``pre`` only, and gradients reach only the selected latents."""

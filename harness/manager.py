@@ -1,7 +1,10 @@
-"""The plugin manager: built-ins and entry-point plugins loaded through one path, one manager per Harness.
+"""The plugin manager: built-ins and entry-point plugins loaded through one path, one manager per load.
 
-``SAEX_PLUGINS`` (comma-separated names) limits loading to those plugins; ``SAEX_DISABLE_PLUGINS`` blocks
-names. A name is a built-in module's short name (``magnitude``, ``topk``) or an entry point's name.
+Built-ins are found, not listed: every module under ``saex.plugins`` (the ``plugins/`` folder) that defines a
+``hookimpl`` is a plugin named by its path below that package (``compression.magnitude``, ``sae.topk``), so a
+new built-in is one new file. Third-party plugins come from the ``saex`` entry-point group, named by their
+entry point. ``SAEX_PLUGINS`` (comma-separated names) limits loading to those plugins; ``SAEX_DISABLE_PLUGINS``
+blocks names.
 """
 
 from __future__ import annotations
@@ -9,39 +12,18 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import os
+import pkgutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import pluggy
 
-from harness import spec
-from harness.protocols import Component
+from saex import spec
+from saex.protocols import Component
 
 ENTRY_POINT_GROUP = "saex"
-
-DEFAULT_PLUGINS: tuple[str, ...] = (
-    "plugins.models.huggingface",
-    "plugins.models.tiny_llama",
-    "plugins.models.smollm2",
-    "plugins.corpora.files",
-    "plugins.corpora.kjv",
-    "plugins.compression.none",
-    "plugins.compression.magnitude",
-    "plugins.compression.wanda",
-    "plugins.compression.sparsegpt",
-    "plugins.compression.gptq",
-    "plugins.compression.rtn",
-    "plugins.compression.hqq",
-    "plugins.sae.relu",
-    "plugins.sae.topk",
-    "plugins.sae.batchtopk",
-    "plugins.sae.jumprelu",
-    "plugins.pruning",
-    "plugins.metrics.reconstruction",
-    "plugins.metrics.transfer",
-    "plugins.metrics.downstream",
-)
+BUILTIN_PACKAGE = "saex.plugins"
 
 Kind = Literal["model", "corpus", "compression", "sae", "pruner", "metric"]
 KIND_HOOKS: dict[Kind, str] = {
@@ -80,7 +62,8 @@ class Plugins:
         try:
             return self.components[kind][name].component
         except KeyError:
-            raise KeyError(f"no {kind} plugin named {name!r}; choices: {sorted(self.components.get(kind, {}))}")
+            choices = sorted(self.components.get(kind, {}))
+            raise KeyError(f"no {kind} plugin named {name!r}; choices: {choices}") from None
 
     def names(self, kind: Kind) -> list[str]:
         return sorted(self.components.get(kind, {}))
@@ -91,8 +74,19 @@ class Plugins:
         return files
 
 
-def _short_name(module_name: str) -> str:
-    return module_name.rsplit(".", 1)[-1]
+def builtin_plugins() -> list[str]:
+    """Dotted names of the built-in plugin modules, sorted: every module below ``saex.plugins`` with a hookimpl."""
+    package = importlib.import_module(BUILTIN_PACKAGE)
+    found = []
+    for info in pkgutil.walk_packages(package.__path__, prefix=f"{BUILTIN_PACKAGE}."):
+        module = importlib.import_module(info.name)
+        if any(spec.hookimpl_opts(obj) for obj in vars(module).values()):
+            found.append(info.name)
+    return sorted(found)
+
+
+def _builtin_name(module_name: str) -> str:
+    return module_name.removeprefix(f"{BUILTIN_PACKAGE}.")
 
 
 def _allowed(name: str) -> bool:
@@ -107,8 +101,8 @@ def load_plugins(extra: list[tuple[str, object]] | None = None, *, entry_points:
     manager.add_hookspecs(spec)
     plugins = Plugins(manager)
     candidates: list[tuple[str, str, object]] = []  # (name, source, module or object)
-    for module_name in DEFAULT_PLUGINS:
-        candidates.append((_short_name(module_name), "built-in", module_name))
+    for module_name in builtin_plugins():
+        candidates.append((_builtin_name(module_name), "built-in", module_name))
     if entry_points:
         for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
             source = f"{ep.dist.name}=={ep.dist.version}" if ep.dist else "entry point"
@@ -152,4 +146,3 @@ def _collect(plugins: Plugins, kind: Kind, impl: pluggy.HookImpl) -> None:
         table[component.name] = Registered(kind, component, name, plugins.sources.get(name, "explicit"))
 
     impl.function(register=register)
-
