@@ -35,8 +35,8 @@ def main(names: list[str]) -> None:
     print("| compression | seconds | eval ppl | mean sparsity | max rel. error | max distinct / group |")
     print("|---|---|---|---|---|---|")
     for name in names or list(registry.compressions):
-        compressor = plugins.get("compression", registry.compressions[name].plugin)
-        params = registry.params("compressions", name, plugins)
+        resolved = registry.component("compressions", name)
+        compressor, params = resolved.component, resolved.params
         model = copy.deepcopy(loaded.model)
         expectation = compressor.expectation(model, params)
         targets = expectation.targets or list(linear_layers(model))

@@ -74,11 +74,9 @@ def main() -> None:
     metric = plugins.get("metric", "reconstruction")
 
     for name in args.saes:
-        entry = registry.saes[name]
-        sae = plugins.get("sae", entry.plugin).build(
-            acts["train"].d_in, registry.params("saes", name, plugins), seed=args.seed
-        )
-        result = train_sae(sae, acts["train"], entry.training, device=device, progress=False)
+        resolved = registry.component("saes", name)
+        sae = resolved.component.build(acts["train"].d_in, resolved.params, seed=args.seed)
+        result = train_sae(sae, acts["train"], resolved.entry.training, device=device, progress=False)
         sae.eval()
         scores = {
             label: metric.compute(MetricContext(sae, source, device), metric.Params())

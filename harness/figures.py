@@ -110,7 +110,7 @@ def _sparsity_data(results: list[CellResult], name: str, key: Key) -> list[_Spar
         for r in cells:
             src = source_of(r.cell["source"])
             if src and src.kind == "pruned" and src.sparsity is not None and (value := metric(r, name)) is not None:
-                curves.setdefault(src.strategy or "?", []).append((src.sparsity, value))
+                curves.setdefault(src.pruner or "?", []).append((src.sparsity, value))
         if not curves:
             continue
         for points in curves.values():

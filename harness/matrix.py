@@ -33,14 +33,19 @@ class Cell:
         return f"{self.model} {self.hook} {self.sae}/{self.source} on {target}"
 
     def config(self, registry: Registry) -> dict:
-        """Everything that determines this cell's result: the cell plus the resolved registry entries."""
+        """Everything that determines this cell's result: the cell plus the identity of every resolved
+        component it uses (plugin and params with defaults filled in)."""
         matrix = registry.matrices[self.matrix]
+        source = parse_source(self.source)
         resolved = {
-            "model": registry.models[self.model].model_dump(),
-            "compression": registry.compressions[self.compression].model_dump() if self.compression else None,
-            "sae": registry.saes[self.sae].model_dump(),
-            "corpus": registry.corpora[matrix.corpus].model_dump(),
-            "metrics": {m: registry.metrics[m].model_dump() for m in matrix.metrics},
+            "model": registry.component("models", self.model).identity(),
+            "compression": registry.component("compressions", self.compression).identity()
+            if self.compression
+            else None,
+            "sae": registry.component("saes", self.sae).identity(),
+            "pruner": registry.component("pruners", source.pruner).identity() if source.kind == "pruned" else None,
+            "corpus": registry.component("corpora", matrix.corpus).identity(),
+            "metrics": {m: registry.component("metrics", m).identity() for m in matrix.metrics},
             "run": matrix.model_dump(include={"tokens", "block_size", "seed", "dtype"}),
         }
         return {"cell": asdict(self), "resolved": resolved}

@@ -1,5 +1,10 @@
 """registry.yaml, validated with pydantic: named components with params, and named matrices.
 
+Every component entry is resolved once, while reading: its plugin is looked up and its params validated by
+the plugin's ``Params`` (defaults filled in). The runner receives ``Resolved`` components and never goes back
+to the registry for a plugin; cell and cache keys hash ``Resolved.identity()``, so a changed default
+recomputes.
+
 Several files are merged (the project's, ``--registry`` files, files contributed by plugins); a name
 defined twice is an error naming both files. Every error names the file, the YAML path, the bad value and
 the valid choices, and is raised while reading, before anything runs.
@@ -7,14 +12,16 @@ the valid choices, and is raised while reading, before anything runs.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Generic, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from saex.hookpoints import parse_hook
 from saex.manager import Kind, Plugins
+from saex.protocols import Component
 from saex.sources import parse_source
 from saex.training import TrainingConfig
 
@@ -23,8 +30,10 @@ SECTIONS: dict[str, Kind] = {
     "corpora": "corpus",
     "compressions": "compression",
     "saes": "sae",
+    "pruners": "pruner",
     "metrics": "metric",
 }
+C = TypeVar("C", bound=Component)
 
 
 class RegistryError(ValueError):
@@ -100,6 +109,24 @@ class MatrixEntry(Strict):
         return sources
 
 
+@dataclass(frozen=True)
+class Resolved(Generic[C]):
+    """One registry entry resolved: its plugin component and validated params (defaults filled in)."""
+
+    section: str
+    name: str
+    component: C
+    params: BaseModel
+    entry: ComponentEntry
+
+    def identity(self) -> dict[str, Any]:
+        """What determines this component's results, for cell and cache keys: the plugin, every param with
+        defaults filled in, and the entry's own settings (``training``, ``allow_mismatch``); never its
+        description or its name in the registry."""
+        settings = self.entry.model_dump(mode="json", exclude={"plugin", "params", "description"})
+        return {"plugin": self.entry.plugin, "params": self.params.model_dump(mode="json"), **settings}
+
+
 class Registry(BaseModel):
     """The merged registry. ``origins`` maps "section.name" to the file that defined it."""
 
@@ -107,9 +134,11 @@ class Registry(BaseModel):
     corpora: dict[str, ComponentEntry] = Field(default_factory=dict)
     compressions: dict[str, CompressionEntry] = Field(default_factory=dict)
     saes: dict[str, SAEEntry] = Field(default_factory=dict)
+    pruners: dict[str, ComponentEntry] = Field(default_factory=dict)
     metrics: dict[str, ComponentEntry] = Field(default_factory=dict)
     matrices: dict[str, MatrixEntry] = Field(default_factory=dict)
     origins: dict[str, str] = Field(default_factory=dict)
+    _resolved: dict[tuple[str, str], Resolved] = PrivateAttr(default_factory=dict)
 
     def matrix(self, name: str) -> MatrixEntry:
         if name not in self.matrices:
@@ -117,10 +146,14 @@ class Registry(BaseModel):
             raise RegistryError(", ".join(files), "matrices", "no such matrix", name, sorted(self.matrices))
         return self.matrices[name]
 
-    def params(self, section: str, name: str, plugins: Plugins) -> BaseModel:
-        """The validated Params of entry ``section.name`` (validated once already by ``load_registry``)."""
-        entry = getattr(self, section)[name]
-        return plugins.get(SECTIONS[section], entry.plugin).Params(**entry.params)
+    def component(self, section: str, name: str) -> Resolved:
+        """Entry ``section.name`` resolved by ``load_registry`` (plugin component + validated params)."""
+        return self._resolved[(section, name)]
+
+    def matrix_components(self, name: str, section: str) -> list[Resolved]:
+        """The resolved entries a matrix names in ``section`` (``models``, ``compressions``, ``saes``,
+        ``metrics``), in the matrix's order."""
+        return [self.component(section, n) for n in getattr(self.matrix(name), section)]
 
 
 def _format_loc(prefix: str, loc: tuple[Any, ...]) -> str:
@@ -181,7 +214,8 @@ def _validate_entries(merged: dict[str, dict[str, Any]], origins: dict[str, str]
     return Registry(**validated, origins=origins)
 
 
-def _check_plugins(reg: Registry, plugins: Plugins) -> None:
+def _resolve_components(reg: Registry, plugins: Plugins) -> None:
+    """Look up every entry's plugin and validate its params, once; the results are ``reg.component``."""
     for section, kind in SECTIONS.items():
         for name, entry in getattr(reg, section).items():
             where = f"{section}.{name}"
@@ -189,19 +223,21 @@ def _check_plugins(reg: Registry, plugins: Plugins) -> None:
             if entry.plugin not in plugins.names(kind):
                 raise RegistryError(
                     file, f"{where}.plugin", f"no {kind} plugin of that name", entry.plugin, plugins.names(kind)
-                ) from None
-            params_model = plugins.get(kind, entry.plugin).Params
+                )
+            component = plugins.get(kind, entry.plugin)
+            params_model = component.Params
             try:
-                params_model(**entry.params)
+                params = params_model(**entry.params)
             except ValidationError as exc:
                 err = exc.errors()[0]
                 choices = list(params_model.model_fields) if err["type"] == "extra_forbidden" else None
                 raise RegistryError(
                     file, _format_loc(f"{where}.params", err["loc"]), err["msg"], err.get("input"), choices
                 ) from None
+            reg._resolved[(section, name)] = Resolved(section, name, component, params, entry)
 
 
-def _check_matrices(reg: Registry, plugins: Plugins) -> None:
+def _check_matrices(reg: Registry) -> None:
     refs = {"models": "models", "compressions": "compressions", "saes": "saes", "metrics": "metrics"}
     for name, matrix in reg.matrices.items():
         file = reg.origins[f"matrices.{name}"]
@@ -215,19 +251,19 @@ def _check_matrices(reg: Registry, plugins: Plugins) -> None:
             if source.kind == "loaded" and not (Path(source.path).expanduser() / "cfg.json").is_file():
                 raise RegistryError(
                     file, f"matrices.{name}.sources[{i}]", "no saved SAE (cfg.json) at that path", source.path
-                ) from None
-            if source.kind == "pruned" and source.strategy not in plugins.names("pruner"):
+                )
+            if source.kind == "pruned" and source.pruner not in reg.pruners:
                 raise RegistryError(
                     file,
                     f"matrices.{name}.sources[{i}]",
-                    "no SAE pruning strategy of that name",
-                    source.strategy,
-                    plugins.names("pruner"),
-                ) from None
+                    "pruned:<entry>@<s> names no entry of pruners",
+                    source.pruner,
+                    sorted(reg.pruners),
+                )
         if matrix.corpus not in reg.corpora:
             raise RegistryError(
                 file, f"matrices.{name}.corpus", "not defined in corpora", matrix.corpus, sorted(reg.corpora)
-            ) from None
+            )
 
 
 def load_registry(files: list[Path], plugins: Plugins) -> Registry:
@@ -237,6 +273,6 @@ def load_registry(files: list[Path], plugins: Plugins) -> Registry:
     for file in [*files, *plugins.registry_files()]:
         _merge_file(merged, origins, Path(file))
     reg = _validate_entries(merged, origins)
-    _check_plugins(reg, plugins)
-    _check_matrices(reg, plugins)
+    _resolve_components(reg, plugins)
+    _check_matrices(reg)
     return reg

@@ -78,7 +78,7 @@ def source_rank(text: str) -> tuple:
     if src is None:
         return (4, text, 0.0)
     rank = {"original": 0, "loaded": 1, "retrained": 2, "pruned": 3}[src.kind]
-    return (rank, src.strategy or src.path or "", src.sparsity or 0.0)
+    return (rank, src.pruner or src.path or "", src.sparsity or 0.0)
 
 
 def source_order(result: CellResult) -> tuple:

@@ -1,7 +1,8 @@
 """SAE sources: where the SAE scored in a cell comes from.
 
-``original`` (trained on M), ``retrained`` (same architecture trained on M_c), ``pruned:<strategy>@<s>``
-(the original SAE pruned at sparsity s, calibrated on M_c's calibration activations) and ``loaded:<path>``
+``original`` (trained on M), ``retrained`` (same architecture trained on M_c), ``pruned:<entry>@<s>``
+(the original SAE pruned at sparsity s by the registry's ``pruners.<entry>``, calibrated on M_c's calibration
+activations) and ``loaded:<path>``
 (an SAE saved by saex or SAELens, used in place of training ``original``).
 """
 
@@ -11,14 +12,14 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-SOURCE_FORMS = "original, retrained, pruned:<strategy>@<sparsity in [0,1)>, loaded:<path>"
+SOURCE_FORMS = "original, retrained, pruned:<pruners entry>@<sparsity in [0,1)>, loaded:<path>"
 _PRUNED = re.compile(r"^pruned:([A-Za-z0-9_-]+)@([0-9]*\.?[0-9]+)$")
 
 
 @dataclass(frozen=True)
 class Source:
     kind: Literal["original", "retrained", "pruned", "loaded"]
-    strategy: str | None = None
+    pruner: str | None = None  # a name in the registry's ``pruners`` section
     sparsity: float | None = None
     path: str | None = None
 
@@ -38,5 +39,5 @@ def parse_source(text: str) -> Source:
         sparsity = float(match.group(2))
         if not 0 <= sparsity < 1:
             raise ValueError(f"SAE source {text!r}: sparsity must be in [0, 1)")
-        return Source("pruned", strategy=match.group(1), sparsity=sparsity)
+        return Source("pruned", pruner=match.group(1), sparsity=sparsity)
     raise ValueError(f"unknown SAE source {text!r}; valid forms: {SOURCE_FORMS}")

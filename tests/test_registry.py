@@ -53,8 +53,9 @@ def mutate(section: str, name: str, **changes) -> dict:
 
 def test_valid_registry_loads_and_resolves_params(tmp_path):
     _, reg = load(tmp_path, BASE)
-    params = reg.params("compressions", "mag", load_plugins(entry_points=False))
-    assert params.sparsity == 0.5
+    resolved = reg.component("compressions", "mag")
+    assert resolved.params.sparsity == 0.5 and resolved.component.name == "magnitude"
+    assert resolved.identity()["params"]["sparsity"] == 0.5 and "description" not in resolved.identity()
     assert reg.matrix("m").sources == ["original", "retrained"]
 
 
@@ -87,7 +88,7 @@ def test_bad_hook_point(tmp_path):
 
 def test_bad_sae_source(tmp_path):
     err = error(tmp_path, mutate("matrices", "m", sources=["original", "retrained-ish"]))
-    assert err.path == "matrices.m.sources" and "pruned:<strategy>@" in str(err)
+    assert err.path == "matrices.m.sources" and "pruned:<pruners entry>@" in str(err)
 
 
 def test_unknown_section(tmp_path):

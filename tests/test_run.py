@@ -337,6 +337,11 @@ def test_pruned_sources_are_calibrated_on_the_compressed_model(tmp_path, registr
         hooks=["layers.1.resid_post"],
         sources=["original", "pruned:wanda@0.5", "pruned:magnitude@0.25", "pruned:latents@0.5"],
     )
+    data["pruners"] = {
+        "wanda": {"plugin": "wanda"},
+        "magnitude": {"plugin": "magnitude"},
+        "latents": {"plugin": "latents"},
+    }
     registry_file.write_text(yaml.safe_dump(data))
     results = by_label(make_runner(tmp_path, registry_file).run("t"))
     assert len(results) == 5 and {r.status for r in results.values()} == {"done"}  # original on M and M_c, 3 pruned
