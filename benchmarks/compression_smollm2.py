@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/compression_smollm2.py [NAME ...]   # default: every registry compression
 
-Calibration: 32 blocks x 128 tokens of the KJV calibration split (DESIGN.md's baseline); eval: 32 x 128 of
+Calibration: 32 blocks x 128 tokens of the KJV calibration split; eval: 32 x 128 of
 the eval split. Perplexity as in docs/METRICS.md (predictions from special tokens dropped). Prints one
 markdown row per compression for docs/COMPRESSION.md.
 """

@@ -50,7 +50,7 @@ ABLATION_NOTE = (
     f"{ABLATION_MARK} ce_loss_score = (ce_ablated - ce_sae) / (ce_ablated - ce_clean), with the hook zero-ablated "
     "for ce_ablated. Zero-ablating a residual-stream hook (resid_pre / resid_post) of a bias-free model makes "
     "every later layer see zeros: the logits are uniform and ce_ablated = ln(vocab) for every model, compressed "
-    "or not, so the score's baseline says nothing about the hook (DESIGN.md section 7). ce_loss_score_mean "
+    "or not, so the score's baseline says nothing about the hook (docs/METRICS.md). ce_loss_score_mean "
     "and kl_div_score_mean use the hook's mean activation over the eval tokens as the baseline instead."
 )
 COST_NOTE = (

@@ -1,7 +1,7 @@
 """Running llm-compressor's ``oneshot`` on an in-memory HF model: the steps ``wanda``, ``sparsegpt``, ``gptq``
 and ``rtn`` share (not a plugin itself; it registers nothing).
 
-What this handles, each measured on this machine (DESIGN.md section 7):
+What this handles, each measured on this machine (docs/COMPRESSION.md):
 - a model built from a config has no directory: its config is saved to a scratch directory
   (``ctx.workdir`` or a temporary one) and ``config.name_or_path`` points there while ``oneshot`` runs;
 - the tokenizer is passed as ``processor`` (``oneshot`` otherwise tries to load one from the model path);

@@ -5,8 +5,8 @@ ce_clean, ce_sae, ce_ablated per next-token prediction (predictions made from a 
 ce_loss_score = (ce_ablated - ce_sae) / (ce_ablated - ce_clean);
 kl_sae, kl_ablated with KL(p_clean || p_modified) from log_softmax at every non-special position (the last
 one of a block included: it has a distribution, if no target), and kl_div_score = (kl_ablated - kl_sae) / kl_ablated.
-The SAE replaces the activation at non-special positions; the zero-ablation at every position (SAELens,
-DESIGN.md) or, with ``ablate_at: sae``, at the SAE's positions only, where a zero SAE scores exactly 0.
+The SAE replaces the activation at non-special positions; the zero-ablation at every position (as SAELens
+does) or, with ``ablate_at: sae``, at the SAE's positions only, where a zero SAE scores exactly 0.
 Zero-ablating a residual-stream hook of a bias-free model makes every later layer see zeros, so
 ce_ablated = ln(vocab) there whatever the model. When the context has the hook's mean activation, a
 mean-ablation baseline (the mean at the SAE's positions) gives ce_mean_ablated, kl_mean_ablated and the

@@ -1,4 +1,4 @@
-"""Reconstruction and sparsity metrics of an SAE on eval activations (docs/METRICS.md, DESIGN.md section 6).
+"""Reconstruction and sparsity metrics of an SAE on eval activations (docs/METRICS.md).
 
 Every statistic is pooled over all eval tokens (never averaged per batch) and accumulated in float64, so the
 result does not depend on the batch size. The formulas match SAELens 6.54's evals; explained variance centres
