@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -15,10 +16,10 @@ from saex.assets import AssetError, kjv_jsonl, saex_home, smollm2_dir
 from saex.cache import Cache
 from saex.manager import KIND_HOOKS, PluginError, Plugins, load_plugins
 from saex.matrix import expand
-from saex.registry import Registry, RegistryError, load_registry
+from saex.registry import DEVICE_PATTERN, Registry, RegistryError, load_registry
 from saex.report import ReportExists, Section, markdown, write_report
 from saex.run import Runner
-from saex.store import ResultsStore
+from saex.store import ResultsStore, StoreError
 
 PROJECT_REGISTRY = Path(__file__).resolve().parent.parent / "registry.yaml"
 DEFAULT_STORE = Path("results") / "saex.sqlite"
@@ -55,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     with_registry(p)
     with_store(p)
     p.add_argument("matrix")
-    p.add_argument("--device", help="override the matrix's device (auto, cpu, cuda, cuda:1)")
+    p.add_argument("--device", type=_device_name, help="override the matrix's device (auto, cpu, cuda, cuda:1, mps)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p = sub.add_parser("report", help="a matrix's results (or every row) as markdown; with --out, also PNG figures")
     with_registry(p)
@@ -67,12 +68,18 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _device_name(text: str) -> str:
+    if not re.fullmatch(DEVICE_PATTERN, text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device; valid: auto, cpu, cuda, cuda:<index>, mps")
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     os.environ.setdefault("LLM_COMPRESSOR_LOG_LEVEL", "WARNING")  # it logs every module at INFO otherwise
     try:
         return COMMANDS[args.command](args)
-    except (RegistryError, PluginError) as exc:
+    except (RegistryError, PluginError, StoreError) as exc:
         print(f"saex: error: {exc}", file=sys.stderr)
         return 2
     except AssetError as exc:
@@ -152,13 +159,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    if not args.store.exists():
-        print(f"saex: error: no results store at {args.store} (run a matrix first, or pass --store)", file=sys.stderr)
-        return 2
     if args.force and not args.out:
         print("saex: error: --force only applies with --out", file=sys.stderr)
         return 2
-    store = ResultsStore(args.store)
+    store = ResultsStore.existing(args.store)
     if args.matrix:
         registry = _registry(args, load_plugins())
         cells = expand(args.matrix, registry.matrix(args.matrix))

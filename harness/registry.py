@@ -16,12 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, Literal, TypeVar
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from saex.hookpoints import parse_hook
 from saex.manager import Kind, Plugins
 from saex.protocols import Component
+from saex.registry_file import RegistryError, read_registry_file
 from saex.sources import parse_source
 from saex.training import TrainingConfig
 
@@ -34,21 +34,7 @@ SECTIONS: dict[str, Kind] = {
     "metrics": "metric",
 }
 C = TypeVar("C", bound=Component)
-
-
-class RegistryError(ValueError):
-    """Bad registry input: names the file, the YAML path, the value and the valid choices."""
-
-    def __init__(
-        self, file: str | Path, path: str, message: str, value: object = None, choices: list[str] | None = None
-    ):
-        self.file, self.path, self.value, self.choices = str(file), path, value, choices
-        text = f"{file}: {path}: {message}"
-        if value is not None:
-            text += f" (got {value!r})"
-        if choices is not None:
-            text += f"; valid choices: {', '.join(map(str, choices)) or '(none)'}"
-        super().__init__(text)
+DEVICE_PATTERN = r"^(auto|cpu|mps|cuda(:\d+)?)$"
 
 
 class Strict(BaseModel):
@@ -91,8 +77,16 @@ class MatrixEntry(Strict):
     tokens: Tokens = Field(default_factory=Tokens)
     block_size: int = Field(128, ge=8)
     seed: int = 0
-    device: str = "auto"
+    device: str = Field("auto", pattern=DEVICE_PATTERN, description="auto, cpu, cuda, cuda:<index> or mps")
     dtype: Literal["float32", "bfloat16"] = "float32"
+
+    @field_validator("models", "compressions", "hooks", "saes", "sources", "metrics")
+    @classmethod
+    def _no_repeats(cls, names: list[str]) -> list[str]:
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"listed more than once: {', '.join(repeated)}")
+        return names
 
     @field_validator("hooks")
     @classmethod
@@ -163,22 +157,8 @@ def _format_loc(prefix: str, loc: tuple[Any, ...]) -> str:
     return path
 
 
-def _read_file(file: Path) -> dict[str, Any]:
-    try:
-        data = yaml.safe_load(file.read_text())
-    except FileNotFoundError:
-        raise RegistryError(file, "(file)", "registry file not found") from None
-    except yaml.YAMLError as exc:
-        raise RegistryError(file, "(file)", f"not valid YAML: {exc}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise RegistryError(file, "(top level)", "must be a mapping of sections", type(data).__name__)
-    return data
-
-
 def _merge_file(merged: dict[str, dict[str, Any]], origins: dict[str, str], file: Path) -> None:
-    data = _read_file(file)
+    data = read_registry_file(file)
     allowed = list(SECTIONS) + ["matrices"]
     for section, entries in data.items():
         if section not in allowed:

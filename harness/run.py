@@ -62,32 +62,52 @@ class Runner:
         pending = [c for c in cells if self.store.status(c.key(self.registry)) != "done"]
         done = len(cells) - len(pending)
         self.log(f"matrix {name}: {len(cells)} cells, {done} already done, {len(pending)} to run")
-        device = resolve_device(self.device_override or matrix.device)
+        device = self._device(name, matrix)
         for model in self.registry.matrix_components(name, "models"):
             todo = [c for c in pending if c.model == model.name]
             if todo:
                 self._run_model(name, matrix, model, todo, device)
         return [r for c in cells if (r := self.store.get(c.key(self.registry))) is not None]
 
+    def _bad_input(self, name: str, path: str, message: str) -> RegistryError:
+        """A problem with the matrix found only at run time, reported like any registry error (exit 2)."""
+        return RegistryError(self.registry.origins.get(f"matrices.{name}", "registry"), path, message)
+
+    def _device(self, name: str, matrix: MatrixEntry) -> torch.device:
+        where = "--device" if self.device_override else f"matrices.{name}.device"
+        try:
+            return resolve_device(self.device_override or matrix.device)
+        except (RuntimeError, ValueError) as exc:
+            raise self._bad_input(name, where, str(exc)) from None
+
     # --- per model ----------------------------------------------------------------------------------------
 
     def _run_model(
         self, name: str, matrix: MatrixEntry, model: Resolved[ModelSource], cells: list[Cell], device: torch.device
     ) -> None:
-        loaded = model.component.load(model.params, device)
+        """Everything only the loaded model can tell (its config, depth, layout, the corpus under its tokenizer)
+        is checked before anything is computed, and reported like a registry error."""
+        try:
+            loaded = model.component.load(model.params, device)
+        except Exception as exc:  # e.g. a config the model class rejects (heads not dividing d): nothing ran yet
+            raise RegistryError(
+                self.registry.origins.get(f"models.{model.name}", "registry"),
+                f"models.{model.name}.params",
+                f"cannot build the model: {type(exc).__name__}: {exc}",
+            ) from None
         if matrix.dtype == "bfloat16":
             loaded.model.to(torch.bfloat16)
         hooks = [parse_hook(h) for h in matrix.hooks]
         for index, hook in enumerate(hooks):
             try:
                 check_hook(loaded.model, hook)
-            except ValueError as exc:  # only now is the model's depth known: still bad input, not a crash
-                raise RegistryError(
-                    self.registry.origins.get(f"matrices.{name}", "registry"),
-                    f"matrices.{name}.hooks[{index}]",
-                    f"model {model.name!r}: {exc}",
-                ) from exc
-        setting = Setting(matrix, loaded, self._blocks(name, matrix, loaded), hooks, device)
+            except ValueError as exc:  # only now is the model's depth and layout known: still bad input
+                raise self._bad_input(name, f"matrices.{name}.hooks[{index}]", f"model {model.name!r}: {exc}") from None
+        try:
+            blocks = self._blocks(matrix, loaded)
+        except ValueError as exc:  # the corpus is too small for the token budgets
+            raise self._bad_input(name, f"matrices.{name}.tokens", str(exc)) from None
+        setting = Setting(matrix, loaded, blocks, hooks, device)
         architectures = {n: self.plugins.get("sae", n) for n in self.plugins.names("sae")}
         artifacts = Artifacts(self.cache, setting, architectures, progress=self.progress, log=self.log)
         metrics = self.registry.matrix_components(name, "metrics")
@@ -104,7 +124,7 @@ class Runner:
             if target is not artifacts.base:
                 target.release()
 
-    def _blocks(self, name: str, matrix: MatrixEntry, loaded: LoadedModel) -> TokenBlocks:
+    def _blocks(self, matrix: MatrixEntry, loaded: LoadedModel) -> TokenBlocks:
         corpus: Resolved[Corpus] = self.registry.component("corpora", matrix.corpus)
         return token_blocks(
             self.cache,
@@ -132,7 +152,7 @@ class Runner:
         for cell in cells:
             key, config = cell.key(self.registry), cell.config(self.registry)
             self.store.start(key, cell.matrix, config["cell"], config)
-            self.plugins.manager.hook.cell_started(cell=cell)
+            self._notify("cell_started", cell=cell)
             running[cell] = CellResult(key, cell.matrix, config["cell"], "running", versions=versions(), config=config)
         saes: dict[Cell, SAE] = {}
         for cell, result in running.items():
@@ -149,29 +169,59 @@ class Runner:
             except Exception as exc:
                 _fail(result, exc, self.log)
         if saes:
-            try:
-                by_label = {f"{c.sae}/{c.source}": c for c in saes}  # unique within a (scored model, hook) group
-                sctx = SpliceContext(
-                    target.model,
-                    hook,
-                    artifacts.setting.blocks.eval,
-                    artifacts.setting.loaded.tokenizer,
-                    artifacts.setting.device,
-                    {label: saes[c] for label, c in by_label.items()},
-                    mean_activation=mean_activation(artifacts.activations(target, "eval", hook)).float(),
-                )
-                for label, values in splice_metrics(metrics, sctx).items():
-                    running[by_label[label]].metrics.update(values)
-            except Exception as exc:
-                for cell in saes:
-                    _fail(running[cell], exc, self.log)
+            self._splice(saes, running, artifacts, target, hook, metrics)
         for cell, result in running.items():
             if result.status == "running":
                 result.status = "done"
             if target.details:
                 result.details["compression"] = target.details
             self.store.finish(result)
-            self.plugins.manager.hook.cell_finished(cell=cell, result=result)
+            self._notify("cell_finished", cell=cell, result=result)
+
+    def _splice(
+        self,
+        saes: dict[Cell, SAE],
+        running: dict[Cell, CellResult],
+        artifacts: Artifacts,
+        target: ModelState,
+        hook: HookPoint,
+        metrics: list[Resolved[Metric]],
+    ) -> None:
+        """Splice metrics of every SAE of the group in one pass; when that fails, each SAE alone, so an SAE that
+        breaks splicing fails only its own cells, named (the others' numbers are the same: same tokens, same
+        clean pass)."""
+        by_label = {f"{c.sae}/{c.source}": c for c in saes}  # unique within a (scored model, hook) group
+        s = artifacts.setting
+        mean = mean_activation(artifacts.activations(target, "eval", hook)).float()
+
+        def score(labels: list[str]) -> dict[str, dict[str, float]]:
+            chosen = {label: saes[by_label[label]] for label in labels}
+            ctx = SpliceContext(target.model, hook, s.blocks.eval, s.loaded.tokenizer, s.device, chosen, mean)
+            return splice_metrics(metrics, ctx)
+
+        try:
+            found = score(list(by_label))
+        except Exception as exc:
+            if len(by_label) == 1:
+                (label, cell), *_ = by_label.items()
+                _fail(running[cell], exc, self.log, f"splice metrics of SAE {label}: ")
+                return
+            self.log("  splice metrics failed for the group; scoring each SAE alone")
+            found = {}
+            for label, cell in by_label.items():
+                try:
+                    found.update(score([label]))
+                except Exception as single:
+                    _fail(running[cell], single, self.log, f"splice metrics of SAE {label}: ")
+        for label, values in found.items():
+            running[by_label[label]].metrics.update(values)
+
+    def _notify(self, hook_name: str, **kwargs: object) -> None:
+        """Call a lifecycle hook; a plugin that raises is logged and never stops the run or loses a result."""
+        try:
+            getattr(self.plugins.manager.hook, hook_name)(**kwargs)
+        except Exception as exc:
+            self.log(f"  plugin hook {hook_name} raised {type(exc).__name__}: {exc} (ignored)")
 
     def _cell_sae(
         self, cell: Cell, artifacts: Artifacts, target: ModelState, hook: HookPoint, result: CellResult
@@ -205,8 +255,8 @@ class Runner:
         return sae_metrics(metrics, ctx)
 
 
-def _fail(result: CellResult, exc: Exception, log: Callable[[str], None]) -> None:
+def _fail(result: CellResult, exc: Exception, log: Callable[[str], None], context: str = "") -> None:
     result.status = "failed"
-    result.error = f"{type(exc).__name__}: {exc}"
+    result.error = f"{context}{type(exc).__name__}: {exc}"
     result.details["traceback"] = traceback.format_exc(limit=8)
     log(f"  failed: {result.error}")

@@ -1,12 +1,16 @@
 """Results store (SQLite): one row per cell with its key, config, status, metrics, cost, versions and error.
 
 A finished row is never replaced: re-running a matrix skips it. A failed row is retried on the next run and
-its previous error kept in ``attempts``.
+its previous error kept in ``attempts``. Every column is valid JSON: a metric that is not a finite number is
+stored as null, with the reason in ``details["absent_metrics"]`` (bare NaN is not JSON, and SQLite's JSON
+functions reject it). ``ResultsStore.existing`` opens a store for reading only and refuses anything that is
+not one (``saex report`` must never turn a stray file into a database).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -35,13 +39,20 @@ CREATE TABLE IF NOT EXISTS cells (
 """
 
 
+class StoreError(ValueError):
+    """A results store that cannot be read: names the file and what is wrong with it."""
+
+
+COLUMNS = ("key", "matrix", "cell", "config", "status", "metrics", "cost", "details", "versions", "error")
+
+
 @dataclass
 class CellResult:
     key: str
     matrix: str
     cell: dict[str, Any]
     status: Status
-    metrics: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, float | None] = field(default_factory=dict)  # None: absent, reason in details
     cost: dict[str, float] = field(default_factory=dict)
     details: dict[str, Any] = field(default_factory=dict)  # e.g. the compression's per-layer report
     versions: dict[str, str] = field(default_factory=dict)
@@ -50,11 +61,31 @@ class CellResult:
 
 
 class ResultsStore:
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, *, db: sqlite3.Connection | None = None):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(self.path)
-        self.db.executescript(SCHEMA)
+        if db is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            db = sqlite3.connect(self.path)
+            db.executescript(SCHEMA)
+        self.db = db
+
+    @classmethod
+    def existing(cls, path: Path) -> ResultsStore:
+        """An existing store opened read-only; a missing file, another kind of file or another schema is a
+        ``StoreError``."""
+        path = Path(path)
+        if not path.is_file():
+            raise StoreError(f"{path}: no results store there (run a matrix first, or pass --store)")
+        try:
+            db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+            columns = {row[1] for row in db.execute("PRAGMA table_info(cells)")}
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"{path}: not a saex results store ({exc})") from None
+        missing = [c for c in COLUMNS if c not in columns]
+        if missing:
+            db.close()
+            raise StoreError(f"{path}: not a saex results store (table 'cells' lacks {', '.join(missing)})")
+        return cls(path, db=db)
 
     def close(self) -> None:
         self.db.close()
@@ -75,14 +106,17 @@ class ResultsStore:
             )
 
     def finish(self, result: CellResult) -> None:
+        metrics, absent = _finite(result.metrics)
+        if absent:
+            result.details["absent_metrics"] = absent
         with self.db:
             self.db.execute(
                 "UPDATE cells SET status=?, metrics=?, cost=?, details=?, versions=?, error=?, finished_at=? "
                 "WHERE key=? AND status='running'",
                 (
                     result.status,
-                    json.dumps(result.metrics),
-                    json.dumps(result.cost),
+                    json.dumps(metrics, allow_nan=False),
+                    json.dumps(_finite(result.cost)[0], allow_nan=False),
                     json.dumps(result.details, default=str),
                     json.dumps(result.versions),
                     result.error,
@@ -116,3 +150,15 @@ class ResultsStore:
                 error,
                 json.loads(config),
             )
+
+
+def _finite(values: dict[str, float | None]) -> tuple[dict[str, float | None], dict[str, str]]:
+    """``values`` with every non-finite number replaced by None, and the reason per replaced key."""
+    kept: dict[str, float | None] = {}
+    absent: dict[str, str] = {}
+    for key, value in values.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            kept[key], absent[key] = None, f"not a finite number ({value})"
+        else:
+            kept[key] = value
+    return kept, absent
