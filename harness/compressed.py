@@ -1,5 +1,8 @@
 """Compressed models: compress a copy of M, verify it layer by layer, and cache the result by content key.
 
+The copy has its GPT-2-style Conv1D modules replaced by equal ``nn.Linear`` first (saex.linearize), so that
+every compression reaches them; the report covers every block weight (saex.verify).
+
 The cache holds the verification report and, when the compressed model is a copy of M with other weights
 (pruning, quantized values written back into the weights), its state dict; loading it back is a copy of M
 plus ``load_state_dict``. Models whose modules were replaced or given their own forward (HQQLinear, W8A8's
@@ -19,10 +22,11 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from saex.cache import Cache, cache_key
+from saex.linearize import conv1d_to_linear
 from saex.protocols import CompressionContext, Compressor
-from saex.verify import CompressionMismatch, clone_weights, linear_layers, verify
+from saex.verify import CompressionMismatch, clone_weights, verified_names, verify
 
-COMPRESSED_VERSION = 1
+COMPRESSED_VERSION = 2  # 2: every block weight reported; Conv1D made Linear first
 WEIGHTS = "weights.safetensors"
 
 
@@ -42,14 +46,19 @@ def _has_own_forward(module: nn.Module) -> bool:
     return getattr(own, "__qualname__", None) != type(module).forward.__qualname__
 
 
-def _reloadable(base: nn.Module, compressed: nn.Module) -> bool:
-    """True when a copy of ``base`` plus ``compressed``'s state dict is the compressed model: the same module
-    types, the same state-dict keys, and no module with a forward of its own (e.g. W8A8's input quantization)."""
-    same_types = [(n, type(m)) for n, m in base.named_modules()] == [
-        (n, type(m)) for n, m in compressed.named_modules()
-    ]
-    own_forward = any(_has_own_forward(m) for m in compressed.modules())
-    return same_types and not own_forward and base.state_dict().keys() == compressed.state_dict().keys()
+Structure = tuple[list[tuple[str, type]], list[str]]
+
+
+def _structure(model: nn.Module) -> Structure:
+    """Module names and types, and state-dict keys: what a state dict alone cannot change."""
+    return [(n, type(m)) for n, m in model.named_modules()], list(model.state_dict())
+
+
+def _reloadable(before: Structure, compressed: nn.Module) -> bool:
+    """True when the uncompressed copy (of structure ``before``) plus ``compressed``'s state dict is the
+    compressed model: the same module types, the same state-dict keys, and no module with a forward of its own
+    (e.g. W8A8's input quantization)."""
+    return _structure(compressed) == before and not any(_has_own_forward(m) for m in compressed.modules())
 
 
 def compress_verified(
@@ -78,13 +87,13 @@ def compress_verified(
         }
     )
     path = cache.get("compressed", key)
+    model = conv1d_to_linear(copy.deepcopy(base))
     if path is not None and (path / WEIGHTS).exists():
-        model = copy.deepcopy(base)
         load_model(model, path / WEIGHTS, strict=True, device=str(next(base.parameters()).device))
         return Compressed(model, {**cache.meta("compressed", key), "from_cache": True})
-    model = copy.deepcopy(base)
+    before = _structure(model)
     expectation = compressor.expectation(model, params)
-    names = expectation.targets or list(linear_layers(model))
+    names = verified_names(model, expectation.targets)
     originals = clone_weights(model, names)
     start = time.perf_counter()
     torch.manual_seed(ctx.seed)
@@ -97,7 +106,7 @@ def compress_verified(
         raise
     details["layers"] = [r.model_dump() for r in report]
     # an unchanged model (`none`) is rebuilt by a copy of M in a second: no need to store M's weights again
-    keep_weights = not expectation.unchanged and _reloadable(base, model)
+    keep_weights = not expectation.unchanged and _reloadable(before, model)
 
     def write(tmp: Path) -> dict:
         if keep_weights:

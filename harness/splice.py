@@ -1,9 +1,10 @@
 """Scoring SAEs by splicing them into the model: the layers before the hook run once per batch, the layers
 from the hook on run once per variant (clean, zero-ablated, each SAE).
 
-The suffix is run by temporarily giving the HF model only the decoder layers from the hook's layer on and
-feeding the cached residual stream as ``inputs_embeds``: the model builds its own causal mask and rotary
-embeddings, so this stays correct across attention implementations and after compression.
+The suffix is the real model's forward pass: the blocks before the hook's layer are swapped, in place and for
+the duration of the pass, for pass-throughs, and block L receives the cached residual stream. Every block keeps
+its index, so the per-layer attention type, mask and RoPE the model picks by index (Gemma-2/3 local/global,
+Qwen2 sliding window) stay right, and the model builds its masks and position embeddings itself.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from saex.hookpoints import HookPoint, Transform, capture, decoder_layers, spliced
+from saex.hookpoints import HookPoint, Transform, capture, replace_block_input, spliced
+from saex.layouts import decoder_layers, layout_of
 
 Variant = Transform | None  # None = clean (no replacement)
 
@@ -25,15 +27,31 @@ def prefix(model: nn.Module, ids: torch.Tensor, hook: HookPoint) -> torch.Tensor
     return capture(model, ids, [start])[start]
 
 
+class _PassThrough(nn.Module):
+    """Stands in for a block before the hook's layer: returns its input, shaped as the block's output."""
+
+    def __init__(self, tuple_output: bool):
+        super().__init__()
+        self.tuple_output = tuple_output
+
+    def forward(self, hidden_states: torch.Tensor, *args: object, **kwargs: object) -> object:
+        return (hidden_states, None) if self.tuple_output else hidden_states
+
+
 @contextmanager
-def _only_layers_from(model: nn.Module, layer: int) -> Iterator[None]:
-    inner = model.model
-    layers = decoder_layers(model)
-    inner.layers = nn.ModuleList(list(layers)[layer:])
+def _from_layer(model: nn.Module, layer: int, hidden: torch.Tensor) -> Iterator[None]:
+    """Forward passes run only blocks ``layer``.. on ``hidden``; the earlier blocks are not run."""
+    blocks, tuple_output = decoder_layers(model), layout_of(model).tuple_output
+    skipped = list(blocks[:layer])
+    for i in range(layer):
+        blocks[i] = _PassThrough(tuple_output)
+    handle = replace_block_input(blocks[layer], lambda x: hidden, prepend=True)
     try:
         yield
     finally:
-        inner.layers = layers
+        handle.remove()
+        for i, block in enumerate(skipped):
+            blocks[i] = block
 
 
 @torch.no_grad()
@@ -42,12 +60,14 @@ def suffix_logits(
 ) -> torch.Tensor:
     """Logits of the model from ``hidden`` (the output of :func:`prefix`) with the activation at ``hook``
     replaced by ``fn(activation)`` where ``mask`` is True (everywhere when ``mask`` is None)."""
-    with _only_layers_from(model, hook.layer):
-        local = HookPoint(0, hook.site)
+    # only the shape of the embeddings matters: block L's input is replaced by ``hidden``
+    width = model.get_input_embeddings().embedding_dim
+    embeds = hidden.new_zeros(*hidden.shape[:-1], width)
+    with _from_layer(model, hook.layer, hidden):
         if fn is None:
-            return model(inputs_embeds=hidden, use_cache=False).logits
-        with spliced(model, local, fn, mask):
-            return model(inputs_embeds=hidden, use_cache=False).logits
+            return model(inputs_embeds=embeds, use_cache=False).logits
+        with spliced(model, hook, fn, mask):
+            return model(inputs_embeds=embeds, use_cache=False).logits
 
 
 def sae_transform(sae: nn.Module) -> Transform:

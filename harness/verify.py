@@ -1,17 +1,23 @@
 """Check, layer by layer, that a compression did what it promised.
 
 A compressor states a ``CompressionExpectation`` (saex.protocols); after it ran, the spine measures every
-targeted layer (``layer_report``) and compares (``check_expectation``). A layer that silently stayed dense --
-the paper's reference code never wrote its pruned MLP weights back -- then stops the cell with
-``CompressionMismatch`` instead of producing results for a model that was not compressed as labelled.
+weight of the decoder blocks and every target (``layer_report``) and compares (``check_expectation``). A layer
+that silently stayed dense -- the paper's reference code never wrote its pruned MLP weights back -- then stops
+the cell with ``CompressionMismatch`` instead of producing results for a model that was not compressed as
+labelled. The report counts every block weight whatever holds it (Linear, a module that replaced it, an MoE's
+3-D expert parameters), so an untouched weight shows as dense even when no compression targeted it.
 
-``Targets`` is the shared selection of Linear layers; compression plugins embed it as a params field so that
-every method selects layers the same way.
+A weight is named by its module when a module holds it (``model.layers.0.mlp.down_proj``: Linear, HQQLinear,
+an MoE router) and by its parameter otherwise (``model.layers.0.mlp.experts.gate_up_proj``, [experts, out, in]).
+``Targets`` is the shared selection of weights; compression plugins embed it as a params field so that every
+method selects weights the same way. Methods that handle ``nn.Linear`` only take ``linear_layers``, which
+refuses a selection holding anything else.
 
 Weights are read densely (``dense_weight``): a module that replaced ``nn.Linear`` (hqq's ``HQQLinear``) is
 dequantized. Quantization groups (``quant_groups``) follow the usual layout: ``group_axis=1`` cuts each
 output row into runs of ``group_size`` consecutive input weights (llm-compressor, hqq ``axis=1``);
-``group_axis=0`` is hqq's ``axis=0`` layout, the columns of ``weight.reshape(group_size, -1)``.
+``group_axis=0`` is hqq's ``axis=0`` layout, the columns of ``weight.reshape(group_size, -1)``. A 3-D weight
+is checked as the matrix of all its experts' rows.
 """
 
 from __future__ import annotations
@@ -23,44 +29,153 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
+from saex.layouts import decoder_layers, default_targets, layout_of
 from saex.protocols import CompressionExpectation
 
 
 class Targets(BaseModel):
-    """Which ``nn.Linear`` modules a compression touches, by regex on the qualified module name.
+    """Which weights a compression touches, by regex on their qualified names (module docstring).
 
-    A module is targeted when its name fully matches one ``include`` pattern and no ``exclude`` pattern.
-    The default is every Linear inside the decoder layers of an HF Llama-family model, never embeddings or
-    the LM head.
+    A weight is targeted when its name fully matches one ``include`` pattern and no ``exclude`` pattern.
+    The default is the model's layout's block weights (docs/MODELS.md): every attention and MLP weight of
+    every decoder block, fused ones included, never embeddings or the LM head.
     """
 
     model_config = ConfigDict(extra="forbid")
 
-    include: list[str] = Field(
-        default=[r"model\.layers\.\d+\..*"],
-        description="regexes (full match) on qualified module names, e.g. 'model.layers.3.mlp.down_proj'",
+    include: list[str] | None = Field(
+        default=None,
+        description="regexes (full match) on qualified weight names, e.g. 'model.layers.3.mlp.down_proj'; "
+        "null: the block weights of the model's layout",
     )
     exclude: list[str] = Field(
         default=[r".*lm_head", r".*embed.*"],
-        description="regexes (full match) of modules never touched, even when an include pattern matches",
+        description="regexes (full match) of weights never touched, even when an include pattern matches",
     )
 
     @field_validator("include", "exclude")
     @classmethod
-    def _compiles(cls, patterns: list[str]) -> list[str]:
-        for pattern in patterns:
+    def _compiles(cls, patterns: list[str] | None) -> list[str] | None:
+        for pattern in patterns or []:
             try:
                 re.compile(pattern)
             except re.error as err:
                 raise ValueError(f"{pattern!r} is not a valid regular expression: {err}") from None
         return patterns
 
-    def matches(self, name: str) -> bool:
-        return any(re.fullmatch(p, name) for p in self.include) and not any(re.fullmatch(p, name) for p in self.exclude)
+    def select(self, model: nn.Module) -> list[str]:
+        """Names of the model's weights these patterns select, in module order; ``NoTargetsError`` if none."""
+        include = self.include if self.include is not None else [default_targets(model)]
+        names = [
+            name
+            for name in weight_names(model)
+            if any(re.fullmatch(p, name) for p in include) and not any(re.fullmatch(p, name) for p in self.exclude)
+        ]
+        if not names:
+            found = weight_names(model)
+            raise NoTargetsError(
+                f"no weight matches include={include} exclude={self.exclude}; the model's weights include "
+                f"{found[:5]}" + (" ..." if len(found) > 5 else "")
+            )
+        return names
 
 
 class NoTargetsError(ValueError):
-    """The target patterns selected no ``nn.Linear`` module: a compression would silently do nothing."""
+    """The target patterns selected no weight: a compression would silently do nothing."""
+
+
+class NotLinearError(ValueError):
+    """Targets a compression cannot handle: not ``nn.Linear`` for a Linear-only method (MoE experts), or a
+    transposed Conv1D weight."""
+
+
+def _holds_weight(module: nn.Module) -> bool:
+    """A module with a weight matrix, or a leaf that dequantizes one (HQQLinear; a transformers model has a
+    ``dequantize`` method too, and children)."""
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.dim() >= 2:
+        return True
+    return callable(getattr(module, "dequantize", None)) and not any(module.children())
+
+
+def weight_names(module: nn.Module, prefix: str = "") -> list[str]:
+    """Qualified names of every weight matrix under ``module``, in module order (naming in the module docstring;
+    norms and biases are not weights)."""
+    names = []
+    for name, child in module.named_children():
+        qualified = f"{prefix}{name}"
+        if _holds_weight(child):
+            names.append(qualified)
+            continue
+        names += [f"{qualified}.{p}" for p, tensor in child.named_parameters(recurse=False) if tensor.dim() >= 2]
+        names += weight_names(child, f"{qualified}.")
+    return names
+
+
+def block_weight_names(model: nn.Module) -> list[str]:
+    """Every weight of the model's decoder blocks: what a compression's "50%" is a share of."""
+    return weight_names(decoder_layers(model), f"{layout_of(model).blocks}.")
+
+
+def verified_names(model: nn.Module, targets: Iterable[str]) -> list[str]:
+    """What the spine reports on after a compression: every block weight, then any target outside the blocks."""
+    names = block_weight_names(model)
+    known = set(names)
+    return names + [t for t in targets if t not in known]
+
+
+def target_weights(model: nn.Module, targets: Targets | None = None) -> dict[str, nn.Parameter]:
+    """The weights ``targets`` (default ``Targets()``) selects, as live [..., out, in] parameters (whatever
+    holds them). Refuses GPT-2's ``Conv1D``, which stores [in, out]: the spine converts it first
+    (``saex.linearize.conv1d_to_linear``)."""
+    from transformers.pytorch_utils import Conv1D
+
+    names = (targets or Targets()).select(model)
+    transposed = [name for name in names if isinstance(_module(model, name), Conv1D)]
+    if transposed:
+        raise NotLinearError(
+            f"{transposed[0]} is a Conv1D, whose weight is stored [in, out]: convert the model with "
+            "saex.linearize.conv1d_to_linear first (the runner does, before every compression)"
+        )
+    return {name: _parameter(model, name) for name in names}
+
+
+def linear_layers(model: nn.Module, targets: Targets | None = None) -> dict[str, nn.Linear]:
+    """The ``nn.Linear`` modules ``targets`` (default ``Targets()``) selects, by qualified name, in module order.
+    Raises ``NoTargetsError`` when nothing matches and ``NotLinearError`` when a selected weight is held by
+    anything but an ``nn.Linear``: a Linear-only method would leave it untouched."""
+    names = (targets or Targets()).select(model)
+    modules = {name: _module(model, name) for name in names}
+    others = [f"{name} ({_describe(model, name)})" for name, m in modules.items() if not isinstance(m, nn.Linear)]
+    if others:
+        raise NotLinearError(
+            f"this compression handles nn.Linear weights only, and {len(others)} target(s) are not: "
+            f"{', '.join(others[:3])}" + (" ..." if len(others) > 3 else "") + ". Use a method that handles "
+            "them (magnitude prunes any weight) or leave them out with targets.exclude (the per-layer report "
+            "then shows them dense)"
+        )
+    return modules  # type: ignore[return-value]
+
+
+def _module(model: nn.Module, name: str) -> nn.Module | None:
+    """The module holding weight ``name``; None for a bare parameter."""
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
+
+
+def _parameter(model: nn.Module, name: str) -> nn.Parameter:
+    module = _module(model, name)
+    return model.get_parameter(name) if module is None else module.weight
+
+
+def _describe(model: nn.Module, name: str) -> str:
+    module = _module(model, name)
+    if module is not None:
+        return type(module).__name__
+    owner = model.get_submodule(name.rpartition(".")[0])
+    return f"a {model.get_parameter(name).dim()}-D parameter of {type(owner).__name__}"
 
 
 class LayerReport(BaseModel):
@@ -73,7 +188,7 @@ class LayerReport(BaseModel):
     n_params: int
     sparsity: float  # fraction of exact zeros in the weight
     rel_error: float | None = None  # ||W - W0|| / ||W0|| (Frobenius) when the original weight was given
-    module_type: str | None = None  # class of the module holding the weight (Linear, HQQLinear, ...)
+    module_type: str | None = None  # what holds the weight (Linear, HQQLinear, "a 3-D parameter of MixtralExperts")
     n_m_ok: bool | None = None  # every group of m input weights has <= n non-zeros (when N:M was promised)
     max_distinct_per_group: int | None = None  # most distinct values in one quantization group (when promised)
 
@@ -90,24 +205,6 @@ class CompressionMismatch(RuntimeError):
             f"layer(s)):\n{lines}\n"
             "Pass allow_mismatch=True to verify() to keep the model anyway (the layer report is still recorded)."
         )
-
-
-def linear_layers(model: nn.Module, targets: Targets | None = None) -> dict[str, nn.Linear]:
-    """The ``nn.Linear`` modules selected by ``targets`` (default ``Targets()``), by qualified name, in
-    module order. Raises ``NoTargetsError`` when nothing matches."""
-    targets = targets or Targets()
-    selected = {
-        name: module
-        for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and targets.matches(name)
-    }
-    if not selected:
-        linear = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
-        raise NoTargetsError(
-            f"no nn.Linear module matches include={targets.include} exclude={targets.exclude}; "
-            f"the model's Linear modules include {linear[:5]}" + (" ..." if len(linear) > 5 else "")
-        )
-    return selected
 
 
 class GroupSizeError(ValueError):
@@ -159,12 +256,12 @@ def layer_report(
     originals: Mapping[str, torch.Tensor] | None = None,
     expectation: CompressionExpectation | None = None,
 ) -> list[LayerReport]:
-    """Measure each named module's weight; ``rel_error`` is filled for names present in ``originals``,
+    """Measure each named weight; ``rel_error`` is filled for names present in ``originals``,
     ``n_m_ok`` and ``max_distinct_per_group`` when ``expectation`` promises an N:M pattern or a bit width."""
     reports = []
     for name in names:
-        module = model.get_submodule(name)
-        weight = dense_weight(module, name)
+        weight = _weight(model, name)
+        rows = weight.reshape(-1, weight.shape[-1])  # a 3-D expert weight: every expert's output rows
         original = originals.get(name) if originals is not None else None
         n_m = expectation.n_m if expectation is not None else None
         bits = expectation.bits if expectation is not None else None
@@ -175,11 +272,11 @@ def layer_report(
                 n_params=weight.numel(),
                 sparsity=(weight == 0).sum().item() / max(weight.numel(), 1),
                 rel_error=None if original is None else _rel_error(weight, original),
-                module_type=type(module).__name__,
-                n_m_ok=None if n_m is None else n_m_holds(weight, *n_m),
+                module_type=_describe(model, name),
+                n_m_ok=None if n_m is None else n_m_holds(rows, *n_m),
                 max_distinct_per_group=None
                 if bits is None
-                else max_distinct_per_group(weight, expectation.group_size, expectation.group_axis),
+                else max_distinct_per_group(rows, expectation.group_size, expectation.group_axis),
             )
         )
     return reports
@@ -286,7 +383,8 @@ def verify(
 
 
 def _weight(model: nn.Module, name: str) -> torch.Tensor:
-    return dense_weight(model.get_submodule(name), name)
+    module = _module(model, name)
+    return model.get_parameter(name).detach() if module is None else dense_weight(module, name)
 
 
 def _rel_error(weight: torch.Tensor, original: torch.Tensor) -> float:

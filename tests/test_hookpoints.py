@@ -19,6 +19,7 @@ from saex.hookpoints import (
     parse_hook,
     spliced,
 )
+from saex.layouts import UnsupportedModelError
 from saex.protocols import LoadedModel
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -214,7 +215,7 @@ def test_check_hook_names_the_valid_layer_range(model: nn.Module, ids: torch.Ten
 
 
 def test_decoder_layers_rejects_other_layouts() -> None:
-    with pytest.raises(TypeError, match="Linear has no model.layers"):
+    with pytest.raises(UnsupportedModelError, match=r"Linear \(model_type None\) has no hook layout; supported .*gpt2"):
         decoder_layers(nn.Linear(2, 2))
 
 

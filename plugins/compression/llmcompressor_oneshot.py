@@ -128,13 +128,20 @@ def bake_quantized_weights(model: "PreTrainedModel") -> list[str]:
     return baked
 
 
+def pruning_expectation(model: "PreTrainedModel", params: "PruningParams") -> CompressionExpectation:
+    """What an llm-compressor pruner promises: ``params``'s expectation, refusing (``NotLinearError``) targets
+    that are not ``nn.Linear``, which its modifiers would silently leave dense (MoE experts)."""
+    linear_layers(model, params.targets)
+    return params.expectation(model)
+
+
 def prune(
     model: "PreTrainedModel", params: "PruningParams", ctx: CompressionContext, modifier_cls: type, **options: object
 ) -> "PreTrainedModel":
     """Run an llm-compressor sparsity modifier (``WandaPruningModifier``, ``SparseGPTModifier``) on the
     layers ``params`` selects. Our ``N:M`` means N kept of M; llm-compressor's ``mask_structure`` counts
     the pruned ones, so "1:4" here is its "3:4" (2:4 and 4:8 read the same either way)."""
-    expectation = params.expectation(model)
+    expectation = pruning_expectation(model, params)
     if params.n_m is None:
         mask_structure = "0:0"
     else:

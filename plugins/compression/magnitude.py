@@ -1,6 +1,7 @@
-"""Magnitude pruning: in each targeted Linear layer, zero the smallest-|w| weights, unstructured or N:M.
+"""Magnitude pruning: in each targeted weight matrix, zero the smallest-|w| weights, unstructured or N:M.
 
-The simplest data-free baseline (no calibration). Unstructured: each layer gets exactly
+The simplest data-free baseline (no calibration), and the one that reaches any weight, whatever holds it: each
+expert of an MoE's 3-D expert parameter is pruned as a matrix of its own. Unstructured: each matrix gets exactly
 ``round(sparsity * numel)`` zeros, whatever the ties, so the sparsity is the same in every layer and the result
 is reproducible. N:M (``pattern: "2:4"``): in every group of M consecutive weights along the input dimension
 of each output row, the N largest |w| are kept and the others zeroed (sparsity 1 - N/M).
@@ -17,7 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from saex import CompressionContext, CompressionExpectation, Targets, hookimpl, linear_layers
+from saex import CompressionContext, CompressionExpectation, Targets, hookimpl, target_weights
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -39,11 +40,11 @@ class PruningParams(BaseModel):
         ge=0.0,
         lt=1.0,
         allow_inf_nan=False,
-        description="fraction of weights set to zero in every targeted Linear layer, 0 <= sparsity < 1 "
+        description="fraction of weights set to zero in every targeted weight matrix, 0 <= sparsity < 1 "
         "(implied by an N:M pattern)",
     )
     pattern: str = Field(UNSTRUCTURED, description="'unstructured' or 'N:M' with 0 < N < M, e.g. '2:4', '4:8'")
-    targets: Targets = Field(default_factory=Targets, description="which Linear layers are pruned")
+    targets: Targets = Field(default_factory=Targets, description="which weights are pruned")
 
     @field_validator("pattern")
     @classmethod
@@ -87,21 +88,21 @@ class PruningParams(BaseModel):
 
     def expectation(self, model: "PreTrainedModel") -> CompressionExpectation:
         """What pruning with these params promises for ``model``; raises when M does not divide a layer."""
-        layers = linear_layers(model, self.targets)
+        weights = target_weights(model, self.targets)
         if self.n_m is not None:
             m = self.n_m[1]
-            for name, layer in layers.items():
-                if layer.in_features % m:
+            for name, weight in weights.items():
+                if weight.shape[-1] % m:
                     raise ValueError(
-                        f"pattern {self.pattern!r}: M={m} does not divide the input width {layer.in_features} "
+                        f"pattern {self.pattern!r}: M={m} does not divide the input width {weight.shape[-1]} "
                         f"of layer {name}"
                     )
-        return CompressionExpectation(sparsity=self.target_sparsity, targets=list(layers), n_m=self.n_m)
+        return CompressionExpectation(sparsity=self.target_sparsity, targets=list(weights), n_m=self.n_m)
 
 
 class Magnitude:
     name = "magnitude"
-    description = "magnitude pruning (unstructured or N:M): zero the smallest |w| in each targeted Linear layer"
+    description = "magnitude pruning (unstructured or N:M): zero the smallest |w| in each targeted weight matrix"
 
     class Params(PruningParams):
         pass
@@ -109,12 +110,13 @@ class Magnitude:
     def compress(self, model: "PreTrainedModel", params: Params, ctx: CompressionContext) -> "PreTrainedModel":
         self.expectation(model, params)  # validates N:M against the layer widths before touching anything
         with torch.no_grad():
-            for layer in linear_layers(model, params.targets).values():
-                if params.n_m is not None:
-                    mask = n_m_smallest_mask(layer.weight, *params.n_m)
-                else:
-                    mask = smallest_magnitude_mask(layer.weight, round(params.target_sparsity * layer.weight.numel()))
-                layer.weight.masked_fill_(mask, 0)
+            for weight in target_weights(model, params.targets).values():
+                for matrix in weight.view(-1, *weight.shape[-2:]):  # [out, in], one per expert of a 3-D weight
+                    if params.n_m is not None:
+                        mask = n_m_smallest_mask(matrix, *params.n_m)
+                    else:
+                        mask = smallest_magnitude_mask(matrix, round(params.target_sparsity * matrix.numel()))
+                    matrix.masked_fill_(mask, 0)
         return model
 
     def expectation(self, model: "PreTrainedModel", params: Params) -> CompressionExpectation:

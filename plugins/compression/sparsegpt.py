@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from pydantic import Field
 
 from saex import CompressionContext, CompressionExpectation, hookimpl
-from saex.plugins.compression.llmcompressor_oneshot import prune
+from saex.plugins.compression.llmcompressor_oneshot import prune, pruning_expectation
 from saex.plugins.compression.magnitude import PruningParams
 
 if TYPE_CHECKING:
@@ -34,7 +34,7 @@ class SparseGPT:
         )
 
     def expectation(self, model: "PreTrainedModel", params: Params) -> CompressionExpectation:
-        return params.expectation(model)
+        return pruning_expectation(model, params)
 
 
 @hookimpl

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from saex import CompressionContext, CompressionExpectation, hookimpl, linear_layers
-from saex.plugins.compression.llmcompressor_oneshot import prune
+from saex.plugins.compression.llmcompressor_oneshot import prune, pruning_expectation
 from saex.plugins.compression.magnitude import PruningParams
 
 if TYPE_CHECKING:
@@ -30,7 +30,7 @@ class Wanda:
         return prune(model, params, ctx, WandaPruningModifier)
 
     def expectation(self, model: "PreTrainedModel", params: Params) -> CompressionExpectation:
-        expectation = params.expectation(model)
+        expectation = pruning_expectation(model, params)
         # per row it zeroes int(in_features * sparsity) weights: up to one weight per row short
         narrowest = min(layer.in_features for layer in linear_layers(model, params.targets).values())
         expectation.tolerance = max(expectation.tolerance, 1 / narrowest)
