@@ -31,11 +31,12 @@ def file_digest(path: Path, chunk: int = 1 << 22) -> str:
 
 
 def directory_fingerprint(directory: Path) -> str:
-    """Hash of a model directory's weight and config files (cached beside them, keyed by size and mtime)."""
+    """Hash of a model directory's weight and config files (``.pt`` too: hqq saves ``qmodel.pt``), cached beside
+    them, keyed by size and mtime."""
     files = sorted(
         p
         for p in directory.iterdir()
-        if p.suffix in {".safetensors", ".bin", ".json"} and p.is_file() and not p.name.startswith(".")
+        if p.suffix in {".safetensors", ".bin", ".pt", ".json"} and p.is_file() and not p.name.startswith(".")
     )
     parts = []
     for p in files:
