@@ -2,7 +2,8 @@
 
 ``original`` and ``loaded:*`` are scored on the base model once per (model, hook, arch), independent of the
 compression, and on every compressed model; ``retrained`` and ``pruned:*`` are scored on the compressed model
-they were trained or calibrated on.
+they were trained or calibrated on. In a matrix with a ``loaded:`` source, ``retrained`` and ``pruned:*`` derive
+from the loaded SAE (``Registry.loaded_sae``), whose files are then part of their cells' identity.
 """
 
 from __future__ import annotations
@@ -48,6 +49,9 @@ class Cell:
             "metrics": {m: registry.component("metrics", m).identity() for m in matrix.metrics},
             "run": matrix.model_dump(include={"tokens", "block_size", "seed", "dtype"}),
         }
+        loaded = registry.loaded_sae(self.matrix, self.source)
+        if loaded is not None:
+            resolved["loaded"] = loaded.identity()
         return {"cell": asdict(self), "resolved": resolved}
 
     def key(self, registry: Registry) -> str:

@@ -3,7 +3,14 @@
 
 An SAE works internally on *scaled* inputs ``x * norm_scale`` (input normalisation, 1.0 = off); the public
 ``encode``/``decode``/``forward`` take and return activations in the model's own units, so callers (metrics,
-splicing) never see the scale. Latents ``f`` live in the scaled space.
+splicing) never see the scale. Latents ``f`` live in the scaled space. An SAE read from OpenAI's TopK checkpoints
+(or SAELens's ``normalize_activations = layer_norm``) also normalises each token (``layer_norm``, see
+``SAE.normalise``).
+
+Dtype: an SAE computes in its weights' dtype, as SAELens does (its ``process_sae_in`` casts the input to
+``cfg.dtype``): ``encode``, ``decode`` and ``forward`` cast what they are given to it, so a bfloat16 SAE takes
+float32 activations. ``encode`` and ``decode`` return that dtype (SAELens's numbers); ``forward`` returns the
+reconstruction in the input's dtype (it stands in for the input) and the latents in the SAE's.
 """
 
 from __future__ import annotations
@@ -11,11 +18,13 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal, Self
 
 import torch
 from pydantic import BaseModel, Field, ValidationError
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from saex import __version__
@@ -27,6 +36,7 @@ warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
 NORM_ESTIMATE_TOKENS = 100_000
+LAYER_NORM_EPS = 1e-5  # OpenAI's ``LN``: (x - mean) / (std + eps), std unbiased
 
 
 class SAEParams(BaseModel):
@@ -79,12 +89,40 @@ def latents_fired(cols: torch.Tensor, values: torch.Tensor, d_sae: int) -> torch
     return fired.index_fill_(0, cols[values != 0], True)
 
 
+@dataclass
+class SAELensImport:
+    """What an architecture reads from a SAELens file: its ``Params`` fields and the ``state_dict`` entries
+    beyond ``W_enc``, ``b_enc``, ``W_dec``, ``b_dec`` (e.g. ``threshold``)."""
+
+    params: dict[str, Any]
+    state: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class SAELensExport:
+    """How an SAE is written for SAELens beyond the four weights (which the writer folds and saves): cfg.json
+    fields (at least SAELens's ``architecture``), extra tensors and ``metadata`` entries."""
+
+    cfg: dict[str, Any]
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
 class SAE(torch.nn.Module):
     """Base of every architecture: holds ``W_enc [d_in, d_sae]``, ``b_enc``, ``W_dec [d_sae, d_in]``, ``b_dec``
     and the ``norm_scale`` buffer. Subclasses implement ``encode_scaled``, ``decode_scaled`` and
-    ``training_loss``; set ``unit_norm_decoder`` to keep decoder rows at unit norm during training."""
+    ``training_loss``; set ``unit_norm_decoder`` to keep decoder rows at unit norm during training.
 
-    architecture: ClassVar[str]
+    An architecture is registered as its subclass (``register(TopKSAE)``), which sets the class attributes
+    ``name`` (also the ``architecture`` in cfg.json, so the registry name is the one a saved SAE is read back
+    with), ``description`` and ``Params``, and takes ``(d_in, params, *, seed)`` in its constructor (``build``).
+    SAELens interop is opt-in: list the SAELens architectures it reads in ``saelens_architectures`` and implement
+    ``from_saelens`` / ``to_saelens`` (``saex.saelens`` asks the registered classes)."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    Params: ClassVar[type[BaseModel]]
+    saelens_architectures: ClassVar[tuple[str, ...]] = ()
     unit_norm_decoder: ClassVar[bool] = False
 
     def __init__(self, d_in: int, d_sae: int, params: BaseModel):
@@ -95,6 +133,35 @@ class SAE(torch.nn.Module):
         self.W_dec = torch.nn.Parameter(torch.zeros(d_sae, d_in))
         self.b_dec = torch.nn.Parameter(torch.zeros(d_in))
         self.register_buffer("norm_scale", torch.tensor(1.0))
+        # per-token layer norm of the input (``normalise``): set only by readers of files that use one, and
+        # a buffer so that copies, pruned SAEs and saved files keep it
+        self.register_buffer("layer_norm", torch.tensor(False))
+
+    @classmethod
+    def build(cls, d_in: int, params: BaseModel, *, seed: int = 0) -> Self:
+        """A freshly initialised SAE for inputs of width ``d_in`` (seeded initialisation)."""
+        return cls(d_in, params, seed=seed)  # an architecture's constructor takes (d_in, params, *, seed)
+
+    # --- SAELens interop (see saex.saelens) ---------------------------------------------------------------
+
+    @classmethod
+    def from_saelens(cls, cfg: Mapping[str, Any], extra: dict[str, torch.Tensor]) -> SAELensImport | None:
+        """This architecture's reading of a SAELens file whose ``architecture`` is in ``saelens_architectures``,
+        or None when the file is another one's (e.g. a SAELens ``jumprelu`` trained as BatchTopK). ``cfg`` is the
+        file's cfg.json (pre-6 names updated); ``extra`` its tensors beyond the four weights, float64, with
+        SAELens's conventions already folded into the weights. Pop from ``extra`` what you read: a tensor left
+        there is refused as unexpected. Raise ``SAEFormatError`` for a file of yours that cannot be read."""
+        raise NotImplementedError(f"{cls.__name__} lists saelens_architectures but does not implement from_saelens")
+
+    @staticmethod
+    def saelens_params(cfg: Mapping[str, Any], **fields: object) -> dict[str, Any]:
+        """``SAEParams`` fields for an SAE read from SAELens, plus ``fields``: its width, no input normalisation
+        (SAELens's inference SAEs have none, or folded into the weights) and ``b_dec_init`` zero."""
+        return {"d_sae": int(cfg["d_sae"]), "normalize_input": False, "b_dec_init": "zero", **fields}
+
+    def to_saelens(self) -> SAELensExport:
+        """How this SAE is written for SAELens (``saex.saelens.save_saelens``); the default refuses."""
+        raise SAEFormatError(f"SAE architecture {self.name!r} has no SAELens equivalent")
 
     # --- subclass surface (scaled units) ------------------------------------------------------------------
 
@@ -123,17 +190,40 @@ class SAE(torch.nn.Module):
         b_dec = self.b_dec.detach()
         return torch.addmm(self.b_enc + (b_dec - self.b_dec) @ self.W_enc, x - b_dec, self.W_enc)
 
-    # --- public API (model units) ------------------------------------------------------------------------
+    # --- public API (model units; dtype convention in the module doc) -------------------------------------
+
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` as the encoder sees it, before ``b_dec``: cast to the SAE's dtype, per-token layer norm when
+        ``layer_norm`` is set, times ``norm_scale``."""
+        return self._normalised(x)[0]
+
+    def _normalised(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        """(``normalise(x)``, each token's (mean, std) when ``layer_norm`` is set, for undoing it)."""
+        x = x.to(self.W_enc.dtype)
+        if not self.layer_norm:
+            return x * self.norm_scale, None
+        normed, mean, std = layer_norm(x)
+        return normed * self.norm_scale, (mean, std)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        return self.encode_scaled(x * self.norm_scale)
+        return self.encode_scaled(self.normalise(x))
 
     def decode(self, f: torch.Tensor) -> torch.Tensor:
-        return self.decode_scaled(f) / self.norm_scale
+        if self.layer_norm:
+            raise ValueError(
+                f"{self.name} SAE with a per-token layer norm: decoding needs each token's input mean and std; "
+                "use forward(x)"
+            )
+        return self.decode_scaled(f.to(self.W_dec.dtype)) / self.norm_scale
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x_hat, f = self.forward_scaled(x * self.norm_scale)
-        return x_hat / self.norm_scale, f
+        scaled, stats = self._normalised(x)
+        x_hat, f = self.forward_scaled(scaled)
+        x_hat = x_hat / self.norm_scale
+        if stats is not None:
+            mean, std = stats
+            x_hat = x_hat * std + mean  # OpenAI's decode: no eps on the way back
+        return x_hat.to(x.dtype), f
 
     # --- training hooks ----------------------------------------------------------------------------------
 
@@ -205,6 +295,15 @@ class SAE(torch.nn.Module):
         """Run after ``optimizer.step``: with unit-norm decoders, renormalise the rows (zero rows stay zero)."""
         if self.unit_norm_decoder:
             self.W_dec.div_(self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+
+
+def layer_norm(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """OpenAI's ``LN`` (sparse_autoencoder/model.py), which SAELens's ``layer_norm`` copies: (normalised x, mean,
+    std) per token, std unbiased, eps added to the std."""
+    mean = x.mean(dim=-1, keepdim=True)
+    centred = x - mean
+    std = centred.std(dim=-1, keepdim=True)
+    return centred / (std + LAYER_NORM_EPS), mean, std
 
 
 def mean_activation(source: ActivationSource) -> torch.Tensor:
@@ -352,6 +451,49 @@ class SAEFormatError(ValueError):
     """A saved SAE that cannot be read: names the file and what is wrong with it."""
 
 
+@dataclass(frozen=True)
+class SAEFile:
+    """What a saved SAE says about itself, read without loading its weights (``saex.sae_formats.describe``):
+    its format, width, and the hook it was trained on where the format records one, in the format's own words
+    (``hook``) and as the saex hook point it unambiguously means (``saex_hook``; None when it means none)."""
+
+    format: str
+    path: Path
+    d_in: int
+    d_sae: int
+    hook: str | None = None
+    saex_hook: str | None = None
+
+
+def weight_shapes(d_in: int, d_sae: int) -> dict[str, tuple[int, ...]]:
+    """The shapes of the four weights every SAE has (SAELens's names)."""
+    return {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
+
+
+def check_tensor_shapes(path: Path, expected: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    """Every tensor shape in the safetensors file ``path``, read from its header (nothing is allocated), after
+    checking the ``expected`` ones: what a config says is checked against the file before anything is built."""
+    if not path.is_file():
+        raise SAEFormatError(f"{path}: missing")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}  # noqa: SIM118
+    except Exception as e:  # safetensors raises its own error types for a damaged header
+        raise SAEFormatError(f"{path}: not a readable safetensors file: {e}") from e
+    check_shapes(path, shapes, expected)
+    return shapes
+
+
+def check_shapes(path: Path, shapes: Mapping[str, tuple[int, ...]], expected: Mapping[str, tuple[int, ...]]) -> None:
+    """Refuse a file whose tensors lack one of ``expected`` or have another shape, naming both."""
+    missing = [name for name in expected if name not in shapes]
+    if missing:
+        raise SAEFormatError(f"{path}: missing tensors {missing}; has {sorted(shapes)}")
+    for name, shape in expected.items():
+        if tuple(shapes[name]) != tuple(shape):
+            raise SAEFormatError(f"{path}: {name} has shape {tuple(shapes[name])}, the config says {tuple(shape)}")
+
+
 class SAEConfigFile(BaseModel):
     """Schema of ``cfg.json``; ``norm_scale`` is informative (the weights file holds the exact value)."""
 
@@ -371,7 +513,7 @@ def save_sae(sae: SAE, directory: str | Path) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     cfg = SAEConfigFile(
-        architecture=sae.architecture,
+        architecture=sae.name,
         d_in=sae.d_in,
         d_sae=sae.d_sae,
         params=sae.params.model_dump(mode="json"),
@@ -389,6 +531,8 @@ def load_sae(directory: str | Path, architectures: Mapping[str, SAEArchitecture]
     """Rebuild a saved SAE with its architecture plugin and load its weights strictly (bit-exact), on CPU."""
     directory = Path(directory)
     cfg = _read_cfg(directory / CFG_FILE)
+    weights = directory / WEIGHTS_FILE
+    check_tensor_shapes(weights, weight_shapes(cfg.d_in, cfg.d_sae))
     arch = architectures.get(cfg.architecture)
     if arch is None:
         valid = ", ".join(sorted(architectures)) or "(none registered)"
@@ -397,6 +541,8 @@ def load_sae(directory: str | Path, architectures: Mapping[str, SAEArchitecture]
         params = arch.Params.model_validate(cfg.params)
     except ValidationError as e:
         raise SAEFormatError(f"{directory / CFG_FILE}: invalid params for {cfg.architecture!r}: {e}") from e
+    if isinstance(params, SAEParams) and params.latents(cfg.d_in) != cfg.d_sae:  # before building allocates it
+        raise SAEFormatError(f"{directory / CFG_FILE}: d_sae {cfg.d_sae} but params build {params.latents(cfg.d_in)}")
     sae = arch.build(cfg.d_in, params)
     if sae.d_sae != cfg.d_sae:
         raise SAEFormatError(f"{directory / CFG_FILE}: d_sae {cfg.d_sae} but params build {sae.d_sae}")
@@ -404,11 +550,15 @@ def load_sae(directory: str | Path, architectures: Mapping[str, SAEArchitecture]
     if not isinstance(dtype, torch.dtype):
         raise SAEFormatError(f"{directory / CFG_FILE}: unknown dtype {cfg.dtype!r}")
     sae.to(dtype)
-    weights = directory / WEIGHTS_FILE
-    if not weights.is_file():
-        raise SAEFormatError(f"{weights}: missing")
     sae.load_state_dict(load_file(str(weights)), strict=True)
     return sae
+
+
+def describe_saex(directory: Path) -> SAEFile:
+    """A saex-format SAE's width; saex's cfg.json names no hook."""
+    cfg = _read_cfg(directory / CFG_FILE)
+    check_tensor_shapes(directory / WEIGHTS_FILE, weight_shapes(cfg.d_in, cfg.d_sae))
+    return SAEFile("saex", directory, cfg.d_in, cfg.d_sae)
 
 
 def _read_cfg(path: Path) -> SAEConfigFile:

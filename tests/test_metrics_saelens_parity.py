@@ -18,8 +18,8 @@ from saex.hookpoints import HookPoint, capture
 from saex.plugins.metrics.downstream import CEKL
 from saex.plugins.metrics.reconstruction import Reconstruction
 from saex.plugins.models.tiny_llama import TinyLlama
-from saex.plugins.sae.jumprelu import JumpReLU
-from saex.plugins.sae.topk import TopK
+from saex.plugins.sae.jumprelu import JumpReLUSAE
+from saex.plugins.sae.topk import TopKSAE
 from saex.protocols import ActivationSource, LoadedModel, MetricContext, SpliceContext
 from saex.sae import SAE
 from saex.saelens import save_saelens
@@ -44,8 +44,8 @@ N_EVAL_BLOCKS, N_TRAIN_BLOCKS, BLOCK = 6, 40, 32
 LENS_BATCH_PROMPTS = 2  # SAELens sees the eval blocks in 3 batches, saex's CE/KL in batches of 4: pooling must agree
 TL_HOOKS = {"resid_post": "hook_resid_post", "mlp_out": "hook_mlp_out"}
 ARCHITECTURES = {
-    "topk": (TopK(), {"k": 8}),
-    "jumprelu": (JumpReLU(), {"sparsity_coefficient": 0.3, "threshold_init": 1.0}),
+    "topk": (TopKSAE, {"k": 8}),
+    "jumprelu": (JumpReLUSAE, {"sparsity_coefficient": 0.3, "threshold_init": 1.0}),
 }
 # metric: (saex key, SAELens key, tolerance); scores and shares to abs 1e-4, magnitudes to rel 1e-4
 RECONSTRUCTION_KEYS = {

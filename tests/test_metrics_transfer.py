@@ -5,13 +5,13 @@ import torch
 
 from saex.activations import TensorActivations
 from saex.plugins.metrics.transfer import Transfer, decoder_match
-from saex.plugins.sae.topk import TopK
+from saex.plugins.sae.topk import TopKSAE
 from saex.protocols import MetricContext
 
 
 @pytest.fixture
 def sae():
-    return TopK().build(8, TopK.Params(d_sae=32, k=4, normalize_input=False), seed=0).eval()
+    return TopKSAE.build(8, TopKSAE.Params(d_sae=32, k=4, normalize_input=False), seed=0).eval()
 
 
 def compute(sae, x, x_ref=None, ref_sae=None):

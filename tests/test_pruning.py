@@ -14,7 +14,7 @@ from saex.manager import load_plugins
 from saex.plugins.pruning.latents import LatentsPruner
 from saex.plugins.pruning.magnitude import MagnitudePruner
 from saex.plugins.pruning.wanda import WandaPruner
-from saex.plugins.sae.topk import TopK, TopKSAE
+from saex.plugins.sae.topk import TopKSAE
 from saex.sae import SAE, load_sae, save_sae
 from saex.sae_sparsity import sae_sparsity
 
@@ -24,7 +24,7 @@ PRUNERS = (MagnitudePruner(), WandaPruner(), LatentsPruner())
 
 def topk_sae(seed: int = 0) -> TopKSAE:
     """A TopK SAE with random (non-tied) weights, non-zero biases and input normalisation."""
-    sae = TopK().build(D_IN, TopK.Params(d_sae=D_SAE, k=K), seed=seed)
+    sae = TopKSAE.build(D_IN, TopKSAE.Params(d_sae=D_SAE, k=K), seed=seed)
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         w_enc = torch.randn(D_IN, D_SAE, generator=g)
@@ -191,31 +191,31 @@ def test_latents_frequency_ranks_by_firing_share():
 def test_latents_round_trips_through_save_and_load(tmp_path):
     sae = topk_sae()
     pruned = LatentsPruner().prune(sae, LatentsPruner.Params(), calibration(), 0.5)
-    loaded = load_sae(save_sae(pruned, tmp_path / "pruned"), {"topk": TopK()})
+    loaded = load_sae(save_sae(pruned, tmp_path / "pruned"), {"topk": TopKSAE})
     assert loaded.d_sae == pruned.d_sae == 32 and loaded.k == K
     state, loaded_state = pruned.state_dict(), loaded.state_dict()
     assert state.keys() == loaded_state.keys() and all(torch.equal(state[k], loaded_state[k]) for k in state)
 
 
 def test_latents_refuses_to_keep_fewer_than_k():
-    sae = TopK().build(D_IN, TopK.Params(d_sae=D_SAE, k=20))
+    sae = TopKSAE.build(D_IN, TopKSAE.Params(d_sae=D_SAE, k=20))
     with pytest.raises(ValueError, match="fewer than k=20"):
         LatentsPruner().prune(sae, LatentsPruner.Params(), calibration(), 0.75)
 
 
 def test_latents_slices_per_latent_state_of_other_architectures():
     """Generic handling: a per-latent threshold (JumpReLU) is sliced; a scalar one (BatchTopK) is kept."""
-    from saex.plugins.sae.batchtopk import BatchTopK
-    from saex.plugins.sae.jumprelu import JumpReLU
+    from saex.plugins.sae.batchtopk import BatchTopKSAE
+    from saex.plugins.sae.jumprelu import JumpReLUSAE
 
-    jump = JumpReLU().build(D_IN, JumpReLU.Params(d_sae=D_SAE))
+    jump = JumpReLUSAE.build(D_IN, JumpReLUSAE.Params(d_sae=D_SAE))
     with torch.no_grad():
         jump.threshold.copy_(torch.rand(D_SAE, generator=torch.Generator().manual_seed(3)) * 0.1)
     pruned = LatentsPruner().prune(jump, LatentsPruner.Params(score="decoder_norm_x_activation"), calibration(), 0.5)
     kept = kept_indices(pruned, jump)
     assert pruned.threshold.shape == (32,) and torch.equal(pruned.threshold, jump.threshold[kept])
 
-    batch = BatchTopK().build(D_IN, BatchTopK.Params(d_sae=D_SAE, k=K))
+    batch = BatchTopKSAE.build(D_IN, BatchTopKSAE.Params(d_sae=D_SAE, k=K))
     with torch.no_grad():
         batch.threshold.fill_(0.25)
     pruned = LatentsPruner().prune(batch, LatentsPruner.Params(), calibration(), 0.5)

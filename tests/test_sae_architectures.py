@@ -11,20 +11,20 @@ from test_training import NaNAtBatch
 
 from saex.activations import TensorActivations
 from saex.manager import load_plugins
-from saex.plugins.sae.batchtopk import BatchTopK, BatchTopKSAE
-from saex.plugins.sae.jumprelu import JumpReLU, JumpReLUSAE
-from saex.plugins.sae.relu import ReLU, ReLUSAE
-from saex.plugins.sae.topk import TopK
+from saex.plugins.sae.batchtopk import BatchTopKSAE
+from saex.plugins.sae.jumprelu import JumpReLUSAE
+from saex.plugins.sae.relu import ReLUSAE
+from saex.plugins.sae.topk import TopKSAE
 from saex.protocols import SAEArchitecture
 from saex.sae import SAE, load_sae, save_sae
 from saex.training import TrainingConfig, TrainingDiverged, train_sae
 
 CPU = torch.device("cpu")
 ARCHITECTURES: dict[str, SAEArchitecture] = {
-    "relu": ReLU(),
-    "topk": TopK(),
-    "batchtopk": BatchTopK(),
-    "jumprelu": JumpReLU(),
+    "relu": ReLUSAE,
+    "topk": TopKSAE,
+    "batchtopk": BatchTopKSAE,
+    "jumprelu": JumpReLUSAE,
 }
 # per architecture: params that recover the planted dictionary in 60k tokens
 PARAMS: dict[str, dict[str, object]] = {

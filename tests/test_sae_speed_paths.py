@@ -8,10 +8,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from saex.plugins.sae.batchtopk import BatchTopK, batch_topk_indices
-from saex.plugins.sae.jumprelu import JumpReLU, JumpReLUFunction, JumpReLUWithL0, StepFunction
-from saex.plugins.sae.relu import ReLU
-from saex.plugins.sae.topk import TopK
+from saex.plugins.sae.batchtopk import BatchTopKSAE, batch_topk_indices
+from saex.plugins.sae.jumprelu import JumpReLUFunction, JumpReLUSAE, JumpReLUWithL0, StepFunction
+from saex.plugins.sae.relu import ReLUSAE
+from saex.plugins.sae.topk import TopKSAE
 from saex.sae import SparseLatentDecode, SparsePattern
 
 F64 = torch.float64
@@ -92,7 +92,7 @@ def test_fused_jumprelu_matches_separate_functions():
 
 
 def test_training_preactivations_equal_centred_ones_and_their_gradients():
-    sae = ReLU().build(6, ReLU.Params(d_sae=20, normalize_input=False), seed=0).double()
+    sae = ReLUSAE.build(6, ReLUSAE.Params(d_sae=20, normalize_input=False), seed=0).double()
     with torch.no_grad():
         sae.b_dec.normal_()
         sae.b_enc.normal_()
@@ -132,11 +132,9 @@ def assert_training_gradients_match(sae: torch.nn.Module, reference_loss, x: tor
 
 
 def test_topk_training_loss_gradients_equal_the_dense_formulation_with_auxk():
-    sae = (
-        TopK()
-        .build(6, TopK.Params(d_sae=20, k=3, aux_k=4, dead_steps_threshold=1, normalize_input=False), seed=0)
-        .double()
-    )
+    sae = TopKSAE.build(
+        6, TopKSAE.Params(d_sae=20, k=3, aux_k=4, dead_steps_threshold=1, normalize_input=False), seed=0
+    ).double()
     x = torch.randn(10, 6, dtype=F64)
     sae.steps_since_fired[:7] = 5  # latents 0..6 count as dead for AuxK
 
@@ -161,7 +159,7 @@ def test_topk_training_loss_gradients_equal_the_dense_formulation_with_auxk():
 
 
 def test_batchtopk_training_loss_gradients_equal_the_dense_formulation():
-    sae = BatchTopK().build(6, BatchTopK.Params(d_sae=20, k=3, normalize_input=False), seed=0).double()
+    sae = BatchTopKSAE.build(6, BatchTopKSAE.Params(d_sae=20, k=3, normalize_input=False), seed=0).double()
     x = torch.randn(10, 6, dtype=F64)
 
     def dense(sae, x):
@@ -172,11 +170,9 @@ def test_batchtopk_training_loss_gradients_equal_the_dense_formulation():
 
 
 def test_jumprelu_training_loss_gradients_equal_the_separate_functions():
-    sae = (
-        JumpReLU()
-        .build(6, JumpReLU.Params(d_sae=20, normalize_input=False, sparsity_coefficient=0.5, bandwidth=0.5), seed=0)
-        .double()
-    )
+    sae = JumpReLUSAE.build(
+        6, JumpReLUSAE.Params(d_sae=20, normalize_input=False, sparsity_coefficient=0.5, bandwidth=0.5), seed=0
+    ).double()
     x = torch.randn(10, 6, dtype=F64)
     params = [sae.b_dec, sae.W_enc, sae.b_enc, sae.W_dec, sae.threshold]
 
@@ -193,7 +189,7 @@ def test_jumprelu_training_loss_gradients_equal_the_separate_functions():
 
 
 def test_relu_training_loss_gradients_equal_the_plain_formulation():
-    sae = ReLU().build(6, ReLU.Params(d_sae=20, normalize_input=False, l1_coefficient=0.3), seed=0).double()
+    sae = ReLUSAE.build(6, ReLUSAE.Params(d_sae=20, normalize_input=False, l1_coefficient=0.3), seed=0).double()
     with torch.no_grad():
         sae.b_dec.normal_()
     x = torch.randn(10, 6, dtype=F64)
@@ -207,7 +203,7 @@ def test_relu_training_loss_gradients_equal_the_plain_formulation():
 
 
 def test_sparse_train_step_reports_activity_without_densifying():
-    sae = TopK().build(6, TopK.Params(d_sae=20, k=3, normalize_input=False), seed=0)
+    sae = TopKSAE.build(6, TopKSAE.Params(d_sae=20, k=3, normalize_input=False), seed=0)
     step = sae.training_loss(torch.randn(10, 6))
     assert step._f.layout == torch.sparse_csr
     l0, fired = step.activity()

@@ -11,7 +11,7 @@ import torch
 from saex import spec
 from saex.activations import TensorActivations
 from saex.plugins.sae import topk
-from saex.plugins.sae.topk import TopK, TopKSAE
+from saex.plugins.sae.topk import TopKSAE
 from saex.sae import SAEFormatError, load_sae, save_sae
 from saex.training import TrainingConfig, train_sae
 
@@ -30,7 +30,7 @@ def planted(n: int = 8192, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def build(**params: object) -> TopKSAE:
-    arch = TopK()
+    arch = TopKSAE
     return arch.build(D_IN, arch.Params(**({"d_sae": 128, "k": ACTIVE} | params)), seed=0)
 
 
@@ -125,12 +125,12 @@ def test_k_larger_than_d_sae_is_rejected():
 
 def test_params_reject_unknown_keys():
     with pytest.raises(ValueError, match="bogus"):
-        TopK.Params(bogus=1)
+        TopKSAE.Params(bogus=1)
 
 
 def test_save_load_round_trip_is_bit_exact(trained_sae, tmp_path):
     save_sae(trained_sae, tmp_path)
-    loaded = load_sae(tmp_path, {"topk": TopK()})
+    loaded = load_sae(tmp_path, {"topk": TopKSAE})
     assert isinstance(loaded, TopKSAE)
     assert loaded.params == trained_sae.params
     original_state, loaded_state = trained_sae.state_dict(), loaded.state_dict()
@@ -158,15 +158,15 @@ def test_load_unknown_architecture_lists_valid_names(trained_sae, tmp_path):
     cfg = json.loads((tmp_path / "cfg.json").read_text())
     (tmp_path / "cfg.json").write_text(json.dumps(cfg | {"architecture": "gated"}))
     with pytest.raises(SAEFormatError, match=r"cfg\.json.*unknown SAE architecture 'gated'; valid: topk"):
-        load_sae(tmp_path, {"topk": TopK()})
+        load_sae(tmp_path, {"topk": TopKSAE})
 
 
 def test_load_missing_or_invalid_cfg_names_the_file(tmp_path):
     with pytest.raises(SAEFormatError, match=r"cfg\.json: missing"):
-        load_sae(tmp_path, {"topk": TopK()})
+        load_sae(tmp_path, {"topk": TopKSAE})
     (tmp_path / "cfg.json").write_text("{not json")
     with pytest.raises(SAEFormatError, match=r"cfg\.json: invalid SAE config"):
-        load_sae(tmp_path, {"topk": TopK()})
+        load_sae(tmp_path, {"topk": TopKSAE})
 
 
 def test_topk_registers_through_the_pluggy_hook():

@@ -10,12 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from saex.plugins.sae.batchtopk import BatchTopK, BatchTopKSAE
-from saex.plugins.sae.jumprelu import JumpReLU, JumpReLUSAE
-from saex.plugins.sae.relu import ReLU, ReLUSAE
-from saex.plugins.sae.topk import TopK, TopKSAE
-from saex.sae import SAE, SAEFormatError, save_sae
-from saex.saelens import load_pretrained, load_saelens, save_saelens
+from saex.plugins.sae.batchtopk import BatchTopKSAE
+from saex.plugins.sae.jumprelu import JumpReLUSAE
+from saex.plugins.sae.relu import ReLUSAE
+from saex.plugins.sae.topk import TopKSAE
+from saex.sae import SAE, SAEFormatError, SAELensExport, SAELensImport, save_sae
+from saex.sae_formats import load_pretrained
+from saex.saelens import load_saelens, save_saelens
 
 sae_lens = pytest.importorskip("sae_lens")
 from sae_lens import SAE as LensSAE  # noqa: E402
@@ -28,7 +29,7 @@ from sae_lens.saes.topk_sae import TopKSAEConfig, TopKTrainingSAE, TopKTrainingS
 
 D_IN, D_SAE, K = 24, 96, 6
 TOL = {"rtol": 1e-5, "atol": 1e-5}
-ARCHITECTURES = {"relu": ReLU(), "topk": TopK(), "jumprelu": JumpReLU(), "batchtopk": BatchTopK()}
+ARCHITECTURES = {"relu": ReLUSAE, "topk": TopKSAE, "jumprelu": JumpReLUSAE, "batchtopk": BatchTopKSAE}
 
 
 @pytest.fixture(autouse=True)
@@ -170,6 +171,20 @@ def test_our_sae_saved_for_saelens_loads_there_with_same_encode_and_decode(name:
         torch.testing.assert_close(lens.decode(f_ours), ours.decode(f_ours), **TOL)
 
 
+def test_our_sae_with_a_per_token_layer_norm_is_saved_as_saelens_layer_norm(tmp_path: Path):
+    ours = ours_randomised("topk")
+    with torch.no_grad():
+        ours.layer_norm.fill_(True)
+    save_saelens(ours, tmp_path)
+    lens, back = LensSAE.load_from_disk(tmp_path), load_saelens(tmp_path, ARCHITECTURES)
+    assert lens.cfg.normalize_activations == "layer_norm" and bool(back.layer_norm)
+    x = inputs() * 5 + 2
+    with torch.no_grad():
+        torch.testing.assert_close(lens.encode(x), ours.encode(x), **TOL)
+        torch.testing.assert_close(lens(x), ours(x)[0], **TOL)
+        torch.testing.assert_close(back(x)[0], ours(x)[0], **TOL)
+
+
 @pytest.mark.parametrize("name", ["relu", "topk", "jumprelu", "batchtopk"])
 def test_saelens_round_trip_restores_architecture_and_params(name: str, tmp_path: Path):
     ours = ours_randomised(name)
@@ -190,6 +205,67 @@ def test_load_pretrained_reads_saex_format_too(tmp_path: Path):
     assert torch.equal(back.W_enc, ours.W_enc) and torch.equal(back.norm_scale, ours.norm_scale)
 
 
+# --- an architecture the spine does not know -----------------------------------------------------------------
+
+
+class ShiftedReLUSAE(ReLUSAE):
+    """A third-party architecture with its own SAELens name and an extra tensor: f = ReLU(pre - shift)."""
+
+    name = "shifted_relu"
+    saelens_architectures = ("shifted",)
+
+    def __init__(self, d_in: int, params: ReLUSAE.Params, *, seed: int = 0):
+        super().__init__(d_in, params, seed=seed)
+        self.shift = torch.nn.Parameter(torch.zeros(self.d_sae))
+
+    def encode_scaled(self, x: torch.Tensor) -> torch.Tensor:
+        return (self._pre(x) - self.shift).relu()
+
+    @classmethod
+    def from_saelens(cls, cfg, extra):
+        return SAELensImport(cls.saelens_params(cfg), {"shift": extra.pop("shift")})
+
+    def to_saelens(self) -> SAELensExport:
+        return SAELensExport({"architecture": "shifted"}, {"shift": self.shift.detach()})
+
+
+def test_new_architecture_round_trips_through_its_own_saelens_hooks(tmp_path: Path):
+    ours = ShiftedReLUSAE.build(D_IN, ShiftedReLUSAE.Params(d_sae=D_SAE), seed=0)
+    randomise(ours, seed=4)
+    with torch.no_grad():
+        ours.norm_scale.fill_(0.37)
+    save_saelens(ours, tmp_path)
+    assert json.loads((tmp_path / "cfg.json").read_text())["architecture"] == "shifted"
+    back = load_pretrained(tmp_path, ARCHITECTURES | {"shifted_relu": ShiftedReLUSAE})
+    assert type(back) is ShiftedReLUSAE and back.params == ours.params
+    assert torch.equal(back.shift, ours.shift.detach())
+    x = inputs()
+    with torch.no_grad():
+        assert bool((ours.encode(x) > 0).any())
+        torch.testing.assert_close(back.encode(x), ours.encode(x), **TOL)
+        torch.testing.assert_close(back(x)[0], ours(x)[0], **TOL)
+
+
+def test_a_tensor_no_architecture_reads_is_refused(tmp_path: Path):
+    save_saelens(ShiftedReLUSAE.build(D_IN, ShiftedReLUSAE.Params(d_sae=D_SAE)), tmp_path)
+    cfg = json.loads((tmp_path / "cfg.json").read_text())
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg | {"architecture": "standard"}))
+    with pytest.raises(SAEFormatError, match=r"unexpected tensors \['shift'\] for 'standard'"):
+        load_saelens(tmp_path, ARCHITECTURES)
+
+
+class WithoutSAELens(ReLUSAE):
+    name = "no_saelens"
+    saelens_architectures = ()
+    to_saelens = SAE.to_saelens
+
+
+def test_architecture_without_saelens_hooks_is_refused_on_save(tmp_path: Path):
+    with pytest.raises(SAEFormatError, match="'no_saelens' has no SAELens equivalent"):
+        save_saelens(WithoutSAELens.build(D_IN, WithoutSAELens.Params(d_sae=D_SAE)), tmp_path)
+    assert not tmp_path.joinpath("cfg.json").exists()
+
+
 # --- errors -----------------------------------------------------------------------------------------------
 
 
@@ -197,8 +273,8 @@ def test_per_token_normalisation_is_refused_with_the_file_named(tmp_path: Path):
     lens = lens_standard()
     lens.save_model(tmp_path)
     cfg = json.loads((tmp_path / "cfg.json").read_text())
-    (tmp_path / "cfg.json").write_text(json.dumps(cfg | {"normalize_activations": "layer_norm"}))
-    with pytest.raises(SAEFormatError, match=r"cfg\.json: normalize_activations='layer_norm' is not supported"):
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg | {"normalize_activations": "constant_norm_rescale"}))
+    with pytest.raises(SAEFormatError, match=r"normalize_activations='constant_norm_rescale' is not supported"):
         load_saelens(tmp_path, ARCHITECTURES)
 
 
@@ -211,5 +287,5 @@ def test_unknown_saelens_architecture_lists_supported(tmp_path: Path):
 
 
 def test_missing_directory_names_the_file(tmp_path: Path):
-    with pytest.raises(SAEFormatError, match=r"cfg\.json: missing"):
+    with pytest.raises(SAEFormatError, match=r"nowhere: no such file or directory"):
         load_pretrained(tmp_path / "nowhere", ARCHITECTURES)

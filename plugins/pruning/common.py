@@ -64,13 +64,14 @@ def prune_columns(sae: SAE, scores: dict[Matrix, torch.Tensor], sparsity: float)
 
 
 def encoder_input(sae: SAE, x: torch.Tensor) -> torch.Tensor:
-    """What ``W_enc`` multiplies, for ``x`` in model units: ``x * norm_scale - b_dec``.
+    """What ``W_enc`` multiplies, for ``x`` in model units: ``sae.normalise(x) - b_dec`` (``x * norm_scale``, or
+    per token layer-normed first for an SAE with ``layer_norm``).
 
     Every built-in architecture computes ``pre = (x_scaled - b_dec) @ W_enc + b_enc`` (SAELens's
     ``apply_b_dec_to_input``); an architecture that does not subtract ``b_dec`` says so with a class attribute
     ``apply_b_dec_to_input = False``.
     """
-    scaled = x * sae.norm_scale
+    scaled = sae.normalise(x)
     if getattr(sae, "apply_b_dec_to_input", True):
         scaled = scaled - sae.b_dec
     return scaled
@@ -144,7 +145,7 @@ def check_latent_count(sae: SAE, n_keep: int) -> None:
     k = getattr(sae.params, "k", None)
     if isinstance(k, int) and k > n_keep:
         raise ValueError(
-            f"{sae.architecture}: keeping {n_keep} of {sae.d_sae} latents leaves fewer than k={k}; "
+            f"{sae.name}: keeping {n_keep} of {sae.d_sae} latents leaves fewer than k={k}; "
             f"lower the sparsity to at most {1 - k / sae.d_sae:.4f}"
         )
 
@@ -166,7 +167,7 @@ def keep_latents(sae: SAE, keep: torch.Tensor) -> SAE:
     try:
         pruned = type(sae)(sae.d_in, params)
     except ValueError as e:
-        raise ValueError(f"{sae.architecture}: cannot build an SAE with d_sae={new_d_sae}: {e}") from e
+        raise ValueError(f"{sae.name}: cannot build an SAE with d_sae={new_d_sae}: {e}") from e
     old_state, new_state = sae.state_dict(), pruned.state_dict()
     state: dict[str, torch.Tensor] = {}
     for name, tensor in old_state.items():

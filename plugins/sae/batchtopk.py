@@ -7,13 +7,22 @@ lags when the run has few steps: its time constant is 1 / threshold_lr steps).""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Literal
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
 
-from saex import ActivationSource, SparsePattern, TrainStep, hookimpl, sample_batches
+from saex import (
+    ActivationSource,
+    SAEFormatError,
+    SAELensExport,
+    SAELensImport,
+    SparsePattern,
+    TrainStep,
+    hookimpl,
+    sample_batches,
+)
 from saex.plugins.sae.topk import TopKParams, TopKSAE
 
 
@@ -30,12 +39,43 @@ class BatchTopKSAE(TopKSAE):
     f = ReLU(pre) * (pre > threshold). AuxK and unit-norm decoder rows as TopK. Saved for SAELens as its
     ``jumprelu`` with every latent's threshold equal to the fitted one, which is how SAELens saves it."""
 
-    architecture = "batchtopk"
+    name = "batchtopk"
+    description = "BatchTopK SAE (Bussmann et al. 2024): k per token on average over a batch; threshold at inference"
+    Params = BatchTopKParams
+    saelens_architectures = ("batchtopk", "jumprelu")
     params: BatchTopKParams
 
     def __init__(self, d_in: int, params: BatchTopKParams, *, seed: int = 0):
         super().__init__(d_in, params, seed=seed)
         self.register_buffer("threshold", torch.zeros(()))
+
+    @classmethod
+    def from_saelens(cls, cfg: Mapping[str, Any], extra: dict[str, torch.Tensor]) -> SAELensImport | None:
+        """SAELens's training checkpoint (``batchtopk``: its EMA ``topk_threshold`` becomes the threshold), or
+        the ``jumprelu`` its inference save writes for a BatchTopK (``metadata.training_architecture:
+        batchtopk``, the same threshold for every latent); any other ``jumprelu`` is JumpReLU's."""
+        if cfg["architecture"] == "batchtopk":
+            if "topk_threshold" not in extra:
+                raise SAEFormatError("batchtopk checkpoint without a topk_threshold tensor")
+            threshold = extra.pop("topk_threshold").reshape(())
+            return SAELensImport(cls.saelens_params(cfg, k=float(cfg["k"])), {"threshold": threshold})
+        metadata = cfg.get("metadata") or {}
+        threshold = extra.get("threshold")
+        if metadata.get("training_architecture") != "batchtopk" or threshold is None:
+            return None
+        if not bool((threshold == threshold[0]).all()):
+            return None
+        details = metadata.get("training_architecture_details") or {}
+        params = cls.saelens_params(cfg, **({"k": float(details["k"])} if "k" in details else {}))
+        return SAELensImport(params, {"threshold": extra.pop("threshold")[0]})
+
+    def to_saelens(self) -> SAELensExport:
+        """As SAELens's own inference save of a BatchTopK: a ``jumprelu`` with the threshold repeated per latent."""
+        return SAELensExport(
+            {"architecture": "jumprelu"},
+            {"threshold": self.threshold.detach().expand(self.d_sae)},
+            {"training_architecture": "batchtopk", "training_architecture_details": {"k": self.params.k}},
+        )
 
     def encode_scaled(self, x: torch.Tensor) -> torch.Tensor:
         pre = self._pre(x)
@@ -110,15 +150,6 @@ def batch_topk_indices(pre: torch.Tensor, k: float) -> torch.Tensor:
     return flat.relu().topk(m, sorted=False).indices
 
 
-class BatchTopK:
-    name = "batchtopk"
-    description = "BatchTopK SAE (Bussmann et al. 2024): k per token on average over a batch; threshold at inference"
-    Params = BatchTopKParams
-
-    def build(self, d_in: int, params: BatchTopKParams, *, seed: int = 0) -> BatchTopKSAE:
-        return BatchTopKSAE(d_in, params, seed=seed)
-
-
 @hookimpl
-def register_sae_architectures(register: Callable[[BatchTopK], None]) -> None:
-    register(BatchTopK())
+def register_sae_architectures(register: Callable[[type[BatchTopKSAE]], None]) -> None:
+    register(BatchTopKSAE)

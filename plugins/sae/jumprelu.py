@@ -4,13 +4,13 @@ rectangle kernel of width ``bandwidth`` for the gradient with respect to theta."
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from pydantic import Field
 
-from saex import SAE, SAEParams, TrainStep, hookimpl
+from saex import SAE, SAEFormatError, SAELensExport, SAELensImport, SAEParams, TrainStep, hookimpl
 
 
 def rectangle(u: torch.Tensor) -> torch.Tensor:
@@ -110,7 +110,12 @@ class JumpReLUSAE(SAE):
     loss = ||x - x_hat||^2 + lambda * ||f||_0. Unit-norm decoder rows, as in the paper; theta is trained
     directly and kept >= 0 by projection (as SAELens; a log-parameterised theta barely moves under Adam)."""
 
-    architecture = "jumprelu"
+    name = "jumprelu"
+    description = (
+        "JumpReLU SAE (Rajamanoharan et al. 2024): per-latent threshold, STE with rectangle kernel, L0 penalty"
+    )
+    Params = JumpReLUParams
+    saelens_architectures = ("jumprelu",)
     unit_norm_decoder = True
     params: JumpReLUParams
 
@@ -119,6 +124,15 @@ class JumpReLUSAE(SAE):
         self.threshold = torch.nn.Parameter(torch.full((self.d_sae,), params.threshold_init))
         self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.long))
         self.init_tied(seed)
+
+    @classmethod
+    def from_saelens(cls, cfg: Mapping[str, Any], extra: dict[str, torch.Tensor]) -> SAELensImport:
+        if "threshold" not in extra:
+            raise SAEFormatError("jumprelu SAE without a threshold tensor")
+        return SAELensImport(cls.saelens_params(cfg), {"threshold": extra.pop("threshold")})
+
+    def to_saelens(self) -> SAELensExport:
+        return SAELensExport({"architecture": "jumprelu"}, {"threshold": self.threshold.detach()})
 
     def _pre(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.b_dec) @ self.W_enc + self.b_enc
@@ -151,17 +165,6 @@ class JumpReLUSAE(SAE):
         return TrainStep(mse + weight * l0, x_hat.detach() / self.norm_scale, f.detach(), parts)
 
 
-class JumpReLU:
-    name = "jumprelu"
-    description = (
-        "JumpReLU SAE (Rajamanoharan et al. 2024): per-latent threshold, STE with rectangle kernel, L0 penalty"
-    )
-    Params = JumpReLUParams
-
-    def build(self, d_in: int, params: JumpReLUParams, *, seed: int = 0) -> JumpReLUSAE:
-        return JumpReLUSAE(d_in, params, seed=seed)
-
-
 @hookimpl
-def register_sae_architectures(register: Callable[[JumpReLU], None]) -> None:
-    register(JumpReLU())
+def register_sae_architectures(register: Callable[[type[JumpReLUSAE]], None]) -> None:
+    register(JumpReLUSAE)

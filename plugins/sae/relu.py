@@ -4,12 +4,13 @@ penalty ramps up linearly over a warm-up so latents can form before sparsity bit
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from pydantic import Field
 
-from saex import SAE, SAEParams, TrainStep, hookimpl
+from saex import SAE, SAELensExport, SAELensImport, SAEParams, TrainStep, hookimpl
 
 
 class ReLUParams(SAEParams):
@@ -22,13 +23,23 @@ class ReLUSAE(SAE):
     """f = ReLU((x - b_dec) W_enc + b_enc); x_hat = f W_dec + b_dec; loss = ||x - x_hat||^2
     + l1 * warmup * sum_j f_j ||W_dec_j||. SAELens's ``standard`` architecture."""
 
-    architecture = "relu"
+    name = "relu"
+    description = "ReLU SAE with decoder-norm-weighted L1 and L1 warm-up (SAELens 'standard')"
+    Params = ReLUParams
+    saelens_architectures = ("standard",)
     params: ReLUParams
 
     def __init__(self, d_in: int, params: ReLUParams, *, seed: int = 0):
         super().__init__(d_in, params.latents(d_in), params)
         self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.long))
         self.init_tied(seed, norm=params.decoder_init_norm)
+
+    @classmethod
+    def from_saelens(cls, cfg: Mapping[str, Any], extra: dict[str, torch.Tensor]) -> SAELensImport:
+        return SAELensImport(cls.saelens_params(cfg))
+
+    def to_saelens(self) -> SAELensExport:
+        return SAELensExport({"architecture": "standard"})
 
     def _pre(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.b_dec) @ self.W_enc + self.b_enc
@@ -61,15 +72,6 @@ class ReLUSAE(SAE):
         return TrainStep(mse + weight * l1, x_hat.detach() / self.norm_scale, f.detach(), parts)
 
 
-class ReLU:
-    name = "relu"
-    description = "ReLU SAE with decoder-norm-weighted L1 and L1 warm-up (SAELens 'standard')"
-    Params = ReLUParams
-
-    def build(self, d_in: int, params: ReLUParams, *, seed: int = 0) -> ReLUSAE:
-        return ReLUSAE(d_in, params, seed=seed)
-
-
 @hookimpl
-def register_sae_architectures(register: Callable[[ReLU], None]) -> None:
-    register(ReLU())
+def register_sae_architectures(register: Callable[[type[ReLUSAE]], None]) -> None:
+    register(ReLUSAE)

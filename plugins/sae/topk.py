@@ -3,13 +3,24 @@ pre-activations per token, with an AuxK loss that lets dead latents learn to exp
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from saex import SAE, SAEParams, SparseLatentDecode, SparsePattern, TrainStep, hookimpl, latents_fired
+from saex import (
+    SAE,
+    SAELensExport,
+    SAELensImport,
+    SAEParams,
+    SparseLatentDecode,
+    SparsePattern,
+    TrainStep,
+    hookimpl,
+    latents_fired,
+)
 
 
 class TopKParams(SAEParams):
@@ -24,19 +35,30 @@ class TopKParams(SAEParams):
 class TopKSAE(SAE):
     """f = scatter(ReLU(topk((x - b_dec) W_enc + b_enc))); x_hat = f W_dec + b_dec, decoded sparsely."""
 
-    architecture = "topk"
+    name = "topk"
+    description = "TopK SAE (Gao et al. 2024) with AuxK loss on dead latents and unit-norm decoder rows"
+    Params = TopKParams
+    saelens_architectures = ("topk",)
     unit_norm_decoder = True
     params: TopKParams
 
     def __init__(self, d_in: int, params: TopKParams, *, seed: int = 0):
         d_sae = params.latents(d_in)
         if params.k > d_sae:
-            raise ValueError(f"{self.architecture}: k={params.k} exceeds d_sae={d_sae}")
+            raise ValueError(f"{self.name}: k={params.k} exceeds d_sae={d_sae}")
         super().__init__(d_in, d_sae, params)
         self.k = params.k
         self.aux_k = params.aux_k or max(d_in // 2, 1)
         self.track_dead_latents()
         self.init_tied(seed)
+
+    @classmethod
+    def from_saelens(cls, cfg: Mapping[str, Any], extra: dict[str, torch.Tensor]) -> SAELensImport | None:
+        """SAELens's ``topk``; its ``rescale_acts_by_decoder_norm`` arrives folded into the weights."""
+        return SAELensImport(cls.saelens_params(cfg, k=int(cfg["k"])))
+
+    def to_saelens(self) -> SAELensExport:
+        return SAELensExport({"architecture": "topk", "k": int(self.params.k), "rescale_acts_by_decoder_norm": False})
 
     def _pre(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.b_dec) @ self.W_enc + self.b_enc
@@ -114,15 +136,6 @@ class TopKSAE(SAE):
         return min(n_dead / self.aux_k, 1.0) * (e_hat - residual).pow(2).sum(-1).mean()
 
 
-class TopK:
-    name = "topk"
-    description = "TopK SAE (Gao et al. 2024) with AuxK loss on dead latents and unit-norm decoder rows"
-    Params = TopKParams
-
-    def build(self, d_in: int, params: TopKParams, *, seed: int = 0) -> TopKSAE:
-        return TopKSAE(d_in, params, seed=seed)
-
-
 @hookimpl
-def register_sae_architectures(register: Callable[[TopK], None]) -> None:
-    register(TopK())
+def register_sae_architectures(register: Callable[[type[TopKSAE]], None]) -> None:
+    register(TopKSAE)
