@@ -17,25 +17,25 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
+from saex.columns import COST_QUALITY, GAP, VS_SPARSITY, Outputs, header, in_order, short_label
 from saex.report import (
-    COST_METRICS,
-    GAP_METRICS,
     compressed,
     is_pruned,
     metric,
-    obtain_seconds,
+    on_base,
     panels,
     references,
     slug,
     source_of,
     source_rank,
     transfer_gap_rows,
+    unique,
 )
+from saex.spine_outputs import SECONDS_TO_OBTAIN
 from saex.store import CellResult
 
 DPI = 120
 MAX_COLUMNS = 4
-SPARSITY_METRICS = ("ce_loss_score", "kl_div_score", "explained_variance")
 MARKERS = {"original": "o", "loaded": "D", "retrained": "s", "pruned": "^"}
 REFERENCE_STYLES = {  # label -> line style of the horizontal reference lines
     "original on M": dict(color="0.55", linestyle="-.", linewidth=1.2),
@@ -85,10 +85,6 @@ def _save(fig: Figure, path: Path) -> Path:
     return path
 
 
-def _metric_label(name: str) -> str:
-    return "ce_loss_score (zero-ablation baseline)" if name == "ce_loss_score" else name
-
-
 # --- (a) a metric against the SAE's pruning sparsity ------------------------------------------------------
 
 
@@ -128,7 +124,7 @@ def _sparsity_data(results: list[CellResult], name: str, key: Key) -> list[_Spar
     return out
 
 
-def sparsity_figure(results: list[CellResult], name: str, key: Key, path: Path) -> Path:
+def sparsity_figure(results: list[CellResult], outputs: Outputs, name: str, key: Key, path: Path) -> Path:
     """``name`` against the SAE's pruning sparsity: one line per strategy, one panel per compression."""
     data = _sparsity_data(results, name, key)
     strategies = sorted({s for p in data for s in p.curves})
@@ -144,7 +140,7 @@ def sparsity_figure(results: list[CellResult], name: str, key: Key, path: Path) 
         ax.set_xticks(xs)
         ax.set_xlim(min(xs) - 0.05, max(xs) + 0.05)
         ax.set_xlabel("SAE pruning sparsity (0 = original)")
-        ax.set_ylabel(_metric_label(name))
+        ax.set_ylabel(header(name, outputs))
         ax.grid(alpha=0.3)
     handles = [Line2D([], [], marker="o", color=colors[s], linewidth=2, label=f"pruned: {s}") for s in strategies]
     handles += [
@@ -153,7 +149,8 @@ def sparsity_figure(results: list[CellResult], name: str, key: Key, path: Path) 
         if any(label in p.lines for p in data)
     ]
     _legend(fig, handles)
-    fig.suptitle(f"{name} vs SAE pruning sparsity, per compression: {_describe(key, False)}", fontsize=13)
+    title = f"{short_label(name, outputs)} vs SAE pruning sparsity, per compression: {_describe(key, False)}"
+    fig.suptitle(title, fontsize=13)
     return _save(fig, path)
 
 
@@ -162,26 +159,25 @@ def sparsity_figure(results: list[CellResult], name: str, key: Key, path: Path) 
 GapBars = dict[str, dict[str, list[tuple[str, float | None, float]]]]
 
 
-def _gap_data(results: list[CellResult], key: Key) -> GapBars:
+def _gap_data(results: list[CellResult], outputs: Outputs, key: Key) -> GapBars:
     """metric -> source -> [(compression, value on M, value on M_c)] for the SAEs scored on both."""
     data: GapBars = {}
-    for row in transfer_gap_rows(results):
-        if (row["model"], row["hook"], row["sae"]) != key:
+    for row in transfer_gap_rows(results, in_order(outputs, GAP)):
+        if (row.model, row.hook, row.sae) != key:
             continue
-        for name in GAP_METRICS:
-            on_m, on_mc, _ = row[name]
+        for name, (on_m, on_mc, _) in row.values.items():
             if on_mc is not None:
-                data.setdefault(name, {}).setdefault(row["source"], []).append((row["compression"], on_m, on_mc))
+                data.setdefault(name, {}).setdefault(row.source, []).append((row.compression, on_m, on_mc))
     if not data:
         raise NoData(f"no SAE scored on both M and a compressed model for {_describe(key, False)}")
     return data
 
 
-def transfer_gap_figure(results: list[CellResult], key: Key, path: Path) -> Path:
+def transfer_gap_figure(results: list[CellResult], outputs: Outputs, key: Key, path: Path) -> Path:
     """Bars per compression: the original SAE on M (grey) and on M_c (blue), Δ written above each pair.
 
     A ``loaded:*`` SAE scored on both gets a pair of its own (lighter grey, orange)."""
-    data = _gap_data(results, key)
+    data = _gap_data(results, outputs, key)
     sources = sorted({s for per in data.values() for s in per}, key=source_rank)
     pair_colors = [("0.6", "tab:blue"), ("0.8", "tab:orange"), ("0.45", "tab:green"), ("0.9", "tab:purple")]
     colors = {s: pair_colors[i % len(pair_colors)] for i, s in enumerate(sources)}
@@ -204,8 +200,8 @@ def transfer_gap_figure(results: list[CellResult], key: Key, path: Path) -> Path
         ax.set_ylim(bottom - (pad if bottom < 0 else 0), top + 5 * pad)
         ax.set_xticks(range(len(compressions)), compressions, rotation=30, ha="right")
         ax.set_xlabel("compression")
-        ax.set_ylabel(_metric_label(name))
-        ax.set_title(name, fontsize=11)
+        ax.set_ylabel(header(name, outputs))
+        ax.set_title(short_label(name, outputs), fontsize=11)
         ax.axhline(0, color="black", linewidth=0.6)
         ax.grid(axis="y", alpha=0.3)
     handles = [
@@ -228,7 +224,7 @@ def _cost_data(results: list[CellResult], name: str, key: Key) -> list[tuple[str
     for compression, cells in compressed(results, model, hook, sae).items():
         points = []
         for r in cells:
-            seconds, value = obtain_seconds(r), metric(r, name)
+            seconds, value = SECONDS_TO_OBTAIN.value(r.cost), metric(r, name)
             if seconds is not None and seconds > 0 and value is not None:
                 points.append((r.cell["source"], float(seconds), value))
         if points:
@@ -238,7 +234,7 @@ def _cost_data(results: list[CellResult], name: str, key: Key) -> list[tuple[str
     return out
 
 
-def cost_quality_figure(results: list[CellResult], name: str, key: Key, path: Path) -> Path:
+def cost_quality_figure(results: list[CellResult], outputs: Outputs, name: str, key: Key, path: Path) -> Path:
     """Seconds to obtain each SAE (log x) against ``name`` on M_c, one marker per source, a panel per compression."""
     data = _cost_data(results, name, key)
     reference = metric(references(results).get(key), name)
@@ -264,7 +260,7 @@ def cost_quality_figure(results: list[CellResult], name: str, key: Key, path: Pa
         ax.margins(x=0.25, y=0.15)
         ax.set_title(compression, fontsize=11)
         ax.set_xlabel("seconds to obtain the SAE (log)")
-        ax.set_ylabel(_metric_label(name))
+        ax.set_ylabel(header(name, outputs))
         ax.grid(alpha=0.3, which="both")
     handles = [
         Line2D([], [], linestyle="", marker=markers[s], markersize=9, color=colors[s], markeredgecolor="black", label=s)
@@ -273,7 +269,57 @@ def cost_quality_figure(results: list[CellResult], name: str, key: Key, path: Pa
     if reference is not None:
         handles.append(Line2D([], [], label="original on M", **REFERENCE_STYLES["original on M"]))
     _legend(fig, handles)
-    fig.suptitle(f"Cost vs quality on M_c ({name}): {_describe(key, False)}", fontsize=13)
+    fig.suptitle(f"Cost vs quality on M_c ({short_label(name, outputs)}): {_describe(key, False)}", fontsize=13)
+    return _save(fig, path)
+
+
+# --- (d) declared pairs: one metric against another, every cell a point ---------------------------------------
+
+Point = tuple[str, str, float, float]  # (SAE source, scored on: "M" or the compression, x, y)
+
+
+def _scored_on(result: CellResult) -> str:
+    return "M" if on_base(result) else result.cell["compression"]
+
+
+def _against_data(results: list[CellResult], outputs: Outputs, x: str, key: Key) -> dict[str, list[Point]]:
+    """y -> its points against ``x``, for every output declaring ``plotted_against`` ``x``, cells of ``key``."""
+    cells = [r for r in results if (r.cell["model"], r.cell["hook"], r.cell["sae"]) == key]
+    data: dict[str, list[Point]] = {}
+    for y in in_order(outputs, lambda o: x in o.plotted_against):
+        for r in cells:
+            if (xv := metric(r, x)) is not None and (yv := metric(r, y)) is not None:
+                data.setdefault(y, []).append((r.cell["source"], _scored_on(r), xv, yv))
+    if not data:
+        raise NoData(f"no cell has {x} and a metric plotted against it for {_describe(key, False)}")
+    return data
+
+
+def against_figure(results: list[CellResult], outputs: Outputs, x: str, key: Key, path: Path) -> Path:
+    """The outputs declared ``plotted_against`` ``x``, one panel each: a point per cell, coloured by the scored
+    model (M or a compression) and marked by SAE source kind."""
+    data = _against_data(results, outputs, x, key)
+    models = unique(m for points in data.values() for _, m, _, _ in points)
+    colors = dict(zip(models, _palette(len(models))))
+    kinds = unique(src.kind if (src := source_of(s)) else "" for points in data.values() for s, _, _, _ in points)
+    fig, axes = _grid(len(data))
+    for ax, (y, points) in zip(axes, data.items()):
+        for source, model, xv, yv in points:
+            src = source_of(source)
+            marker = MARKERS.get(src.kind if src else "", "P")
+            ax.scatter(xv, yv, s=70, color=colors[model], marker=marker, edgecolor="black", linewidth=0.5, zorder=3)
+        ax.margins(0.15)
+        ax.set_xlabel(header(x, outputs))
+        ax.set_ylabel(header(y, outputs))
+        ax.set_title(short_label(y, outputs), fontsize=11)
+        ax.grid(alpha=0.3)
+    handles = [Line2D([], [], linestyle="", marker="o", markersize=9, color=colors[m], label=f"on {m}") for m in models]
+    handles += [
+        Line2D([], [], linestyle="", marker=MARKERS.get(k, "P"), markersize=9, color="0.6", label=k or "other")
+        for k in kinds
+    ]
+    _legend(fig, handles)
+    fig.suptitle(f"Against {short_label(x, outputs)}, every cell: {_describe(key, False)}", fontsize=13)
     return _save(fig, path)
 
 
@@ -283,11 +329,13 @@ Draw = Callable[[Path], Path]
 
 
 def plan(
-    results: list[CellResult], out_dir: Path, prefix: str = ""
+    results: list[CellResult], outputs: Outputs, out_dir: Path, prefix: str = ""
 ) -> tuple[list[tuple[str, Path, Draw]], list[tuple[str, str]]]:
     """The figures these results support: ``(title, path, draw)`` to draw and ``(title, reason)`` skipped.
 
-    A figure kind with no data anywhere gives one skip note; a (hook, sae) lacking data while others have it
+    Which metrics are plotted comes from their declarations (``vs_sparsity``, ``gap``, ``cost_quality``,
+    ``plotted_against``: drawn only when some cell has the plotted metric). A
+    figure kind with no data anywhere gives one skip note; a (hook, sae) lacking data while others have it
     gives a note of its own.
     """
     keys = panels(results)
@@ -325,37 +373,51 @@ def plan(
 
     has = {m for r in results for m in r.metrics}
     has_pruned = any(is_pruned(r) for r in results)
-    for name in SPARSITY_METRICS:
+    for name in in_order(outputs, VS_SPARSITY):
+        shown = short_label(name, outputs)
         absent = (
-            f"no cell has {name}"
+            f"no cell has {shown}"
             if name not in has
             else "no pruned:<strategy>@<s> SAE sources in these results"
             if not has_pruned
-            else f"no pruned SAE has {name}"
+            else f"no pruned SAE has {shown}"
         )
         add(
-            lambda key, n=name: f"{n} vs SAE pruning sparsity" + (f" ({_describe(key, many_models)})" if key else ""),
+            lambda key, s=shown: f"{s} vs SAE pruning sparsity" + (f" ({_describe(key, many_models)})" if key else ""),
             lambda key, n=name: _sparsity_data(results, n, key),
-            lambda key, p, n=name: sparsity_figure(results, n, key, p),
+            lambda key, p, n=name: sparsity_figure(results, outputs, n, key, p),
             "sparsity",
             name,
             absent,
         )
     add(
         lambda key: "Transfer gap per compression" + (f" ({_describe(key, many_models)})" if key else ""),
-        lambda key: _gap_data(results, key),
-        lambda key, p: transfer_gap_figure(results, key, p),
+        lambda key: _gap_data(results, outputs, key),
+        lambda key, p: transfer_gap_figure(results, outputs, key, p),
         "transfer-gap",
         None,
-        "no SAE scored on both M and a compressed model with " + " / ".join(GAP_METRICS),
+        "no SAE scored on both M and a compressed model with "
+        + " / ".join(short_label(name, outputs) for name in in_order(outputs, GAP)),
     )
-    for name in COST_METRICS:
+    for name in in_order(outputs, COST_QUALITY):
+        shown = short_label(name, outputs)
         add(
-            lambda key, n=name: f"Cost vs quality ({n})" + (f", {_describe(key, many_models)}" if key else ""),
+            lambda key, s=shown: f"Cost vs quality ({s})" + (f", {_describe(key, many_models)}" if key else ""),
             lambda key, n=name: _cost_data(results, n, key),
-            lambda key, p, n=name: cost_quality_figure(results, n, key, p),
+            lambda key, p, n=name: cost_quality_figure(results, outputs, n, key, p),
             "cost",
             name,
-            f"no cell has {name}" if name not in has else "no SAE on M_c with a recorded cost in seconds",
+            f"no cell has {shown}" if name not in has else "no SAE on M_c with a recorded cost in seconds",
+        )
+    plotted = {y for y in in_order(outputs, lambda o: bool(o.plotted_against)) if y in has}
+    for x in unique(x for y in plotted for x in outputs[y].plotted_against):
+        shown = short_label(x, outputs)
+        add(
+            lambda key, s=shown: f"Against {s}" + (f" ({_describe(key, many_models)})" if key else ""),
+            lambda key, x=x: _against_data(results, outputs, x, key),
+            lambda key, p, x=x: against_figure(results, outputs, x, key, p),
+            "against",
+            x,
+            f"no cell has {shown}",
         )
     return draws, skipped

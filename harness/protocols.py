@@ -3,18 +3,19 @@ are validated against it) and a one-line ``description`` shown by ``saex plugins
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 import torch
-from pydantic import BaseModel
+from pydantic import BaseModel, Field, model_validator
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from saex.hookpoints import HookPoint
-    from saex.sae import SAE
+    from saex.run import Job
+    from saex.sae import SAE, SAELensImport
 
 
 class Component(Protocol):
@@ -143,8 +144,18 @@ class Compressor(Component, Protocol):
 
 
 class SAEArchitecture(Component, Protocol):
+    """Registered as its class, a ``saex.SAE`` subclass (``register(TopKSAE)``): ``name`` is also the
+    ``architecture`` its saved cfg.json names, so what trains is what loads. The base class provides
+    ``build`` and the SAELens hooks (an empty ``saelens_architectures`` opts out of SAELens import)."""
+
+    saelens_architectures: tuple[str, ...]
+
     def build(self, d_in: int, params: BaseModel, *, seed: int = 0) -> "SAE":
         """A freshly initialised SAE for inputs of width ``d_in``."""
+        ...
+
+    def from_saelens(self, cfg: Mapping[str, Any], extra: dict[str, torch.Tensor]) -> "SAELensImport | None":
+        """Params and extra state read from a SAELens file, or None when it is not this architecture's."""
         ...
 
 
@@ -154,11 +165,61 @@ class SAEPruner(Component, Protocol):
         ...
 
 
+class Executor(Component, Protocol):
+    """Computes a matrix's pending cells, writing their rows to the store; ``saex.run.Job`` is what it may
+    use: the cells grouped as an artifact graph, and the steps that compute each part."""
+
+    def execute(self, job: "Job", params: BaseModel) -> None: ...
+
+
+class MetricOutput(BaseModel):
+    """One value a metric returns, declared so that the report (and anything reading the results) can label,
+    order and place it without knowing the metric. ``name`` is its key in the returned dict.
+
+    ``higher_is_better`` gives the column's arrow (None: neither, e.g. a count or a baseline); ``aggregation``
+    says how per-token or per-latent values became one number. Where the report shows it: every output in the
+    table of every cell; ``headline`` also in the per-(hook, compression) tables, ``gap`` in the transfer gap
+    (M vs M_c), ``cost_quality`` in cost vs quality, ``vs_sparsity`` in a figure against the SAE's pruning
+    sparsity. Columns sort by ``order``, then declaration order. ``note`` is a caveat printed as a footnote
+    wherever the column appears; ``label`` a short column header (``name`` when absent). ``plotted_against``
+    names other keys (of any metric) this output is drawn against, one point per cell, coloured by the scored
+    model and marked by SAE source (e.g. a task's accuracy against the splice's kl_div_score).
+    """
+
+    model_config = {"frozen": True, "extra": "forbid"}
+
+    name: str = Field(min_length=1)
+    description: str = Field(min_length=1)
+    aggregation: str = Field(min_length=1)
+    higher_is_better: bool | None = None
+    unit: str | None = None
+    range: tuple[float | None, float | None] | None = None
+    label: str | None = None
+    headline: bool = False
+    gap: bool = False
+    cost_quality: bool = False
+    vs_sparsity: bool = False
+    plotted_against: tuple[str, ...] = ()
+    order: int = 100
+    note: str | None = None
+
+    @model_validator(mode="after")
+    def _range_is_ordered(self) -> MetricOutput:
+        low, high = self.range or (None, None)
+        if low is not None and high is not None and low > high:
+            raise ValueError(f"range of {self.name!r} must be (low, high) with low <= high, got {self.range}")
+        return self
+
+
 class Metric(Component, Protocol):
     """A per-SAE metric (``scope = "sae"``) implements ``compute``; a metric that splices SAEs into the model
-    (``scope = "splice"``) implements ``compute_spliced`` and is called once per (scored model, hook)."""
+    (``scope = "splice"``) implements ``compute_spliced`` and is called once per (scored model, hook).
+
+    ``outputs`` declares every key either method may return; the report shows an undeclared key too, as
+    stored, but marks it as undeclared (no direction, unit or description known)."""
 
     scope: Literal["sae", "splice"]
+    outputs: tuple[MetricOutput, ...]
 
     def compute(self, ctx: MetricContext, params: BaseModel) -> dict[str, float]:
         """Flat dict of metric name -> value."""
@@ -167,6 +228,10 @@ class Metric(Component, Protocol):
     def compute_spliced(self, ctx: SpliceContext, params: BaseModel) -> dict[str, dict[str, float]]:
         """SAE label -> flat dict of metric name -> value."""
         ...
+
+
+SCOPE_METHODS: dict[str, str] = {"sae": "compute", "splice": "compute_spliced"}
+"""The one ``Metric`` method a metric of each ``scope`` implements (checked when the metric is registered)."""
 
 
 class NoParams(BaseModel):

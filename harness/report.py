@@ -2,9 +2,10 @@
 
 The tables are grouped per (hook, compression) with the SAEs scored on M (``original``, ``loaded:*``) repeated
 in every group as references; then the transfer gap (the same SAE on M vs on M_c), cost vs quality, the
-compression check, and every cell as stored. ``write_report`` writes ``report.md`` and the figures of
-``harness/figures.py`` into a folder and never replaces a file there unless asked to (results are never
-silently overwritten).
+compression check, what each metric column holds, and every cell as stored. Which metric goes where, and under
+what header, comes from the metrics' declarations (``saex.columns``): this module names none.
+``write_report`` writes ``report.md`` and the figures of ``harness/figures.py`` into a folder and never
+replaces a file there unless asked to (results are never silently overwritten).
 """
 
 from __future__ import annotations
@@ -15,44 +16,12 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from saex.columns import COST_QUALITY, GAP, HEADLINE, Outputs, columns, footnotes, header, in_order, legend_rows
 from saex.matrix import BASE
 from saex.sources import Source, parse_source
+from saex.spine_outputs import COST_COLUMNS, SECONDS_TO_OBTAIN, CostColumn
 from saex.store import CellResult
 
-# Headline metrics first, then the rest in a fixed order; metrics not listed follow, sorted by name.
-METRIC_COLUMNS = (
-    "explained_variance",
-    "ce_loss_score",
-    "ce_loss_score_mean",
-    "kl_div_score",
-    "kl_div_score_mean",
-    "l0",
-    "dead_frac",
-    "dense_frac",
-    "mse",
-    "cos",
-    "l2_ratio",
-    "l1",
-    "ce_clean",
-    "ce_sae",
-    "ce_ablated",
-    "ce_mean_ablated",
-    "kl_sae",
-    "kl_ablated",
-    "kl_mean_ablated",
-    "model_ce",
-    "model_ppl",
-)
-GAP_METRICS = ("explained_variance", "ce_loss_score", "ce_loss_score_mean", "kl_div_score")
-COST_METRICS = ("explained_variance", "ce_loss_score")
-ABLATION_MARK = "†"
-ABLATION_NOTE = (
-    f"{ABLATION_MARK} ce_loss_score = (ce_ablated - ce_sae) / (ce_ablated - ce_clean), with the hook zero-ablated "
-    "for ce_ablated. Zero-ablating a residual-stream hook (resid_pre / resid_post) of a bias-free model makes "
-    "every later layer see zeros: the logits are uniform and ce_ablated = ln(vocab) for every model, compressed "
-    "or not, so the score's baseline says nothing about the hook (docs/METRICS.md). ce_loss_score_mean "
-    "and kl_div_score_mean use the hook's mean activation over the eval tokens as the baseline instead."
-)
 COST_NOTE = (
     "Seconds to obtain the SAE: training for `original` (paid once, on M, whatever the compression) and "
     "`retrained`; calibration + pruning for `pruned:*` (the original's training not included). Activation "
@@ -102,19 +71,6 @@ def metric(result: CellResult | None, name: str) -> float | None:
     if not isinstance(value, (int, float)) or not math.isfinite(value):
         return None
     return float(value)
-
-
-def obtain_seconds(result: CellResult) -> float | None:
-    """Seconds to obtain the cell's SAE: pruning (with calibration) for pruned sources, else training."""
-    if is_pruned(result) and "prune_seconds" in result.cost:
-        return result.cost["prune_seconds"]
-    return result.cost.get("sae_seconds")
-
-
-def obtain_tokens(result: CellResult) -> float | None:
-    if is_pruned(result) and "calibration_tokens" in result.cost:
-        return result.cost["calibration_tokens"]
-    return result.cost.get("sae_tokens")
 
 
 def unique(values: Iterable) -> list:
@@ -175,13 +131,8 @@ def _table(header: list[str], rows: list[list[object]]) -> str:
     return "\n".join(lines)
 
 
-def _metric_names(results: list[CellResult]) -> list[str]:
-    present = {k for r in results for k in r.metrics}
-    return [m for m in METRIC_COLUMNS if m in present] + sorted(present - set(METRIC_COLUMNS))
-
-
-def _header(name: str) -> str:
-    return name + ABLATION_MARK if name == "ce_loss_score" else name
+def _cost_header(column: CostColumn) -> str:
+    return header(column.output.name, {column.output.name: column.output})
 
 
 def _status_note(result: CellResult) -> str:
@@ -190,10 +141,11 @@ def _status_note(result: CellResult) -> str:
     return "" if result.status == "done" else result.status
 
 
-def cells_table(results: list[CellResult]) -> str:
-    """Every cell as stored: one row each, with its status (and a failed cell's first error line)."""
-    metrics = _metric_names(results)
-    header = ["model", "hook", "sae", "source", "scored on", *map(_header, metrics), "sae seconds", "status"]
+def cells_table(results: list[CellResult], outputs: Outputs) -> str:
+    """Every cell as stored: one row each, every metric key (undeclared ones marked), its status (and a failed
+    cell's first error line)."""
+    metrics = columns(results, outputs)
+    head = ["model", "hook", "sae", "source", "scored on", *(header(m, outputs) for m in metrics)]
     rows = []
     for r in results:
         c = r.cell
@@ -207,15 +159,16 @@ def cells_table(results: list[CellResult]) -> str:
                 c["source"],
                 target,
                 *[r.metrics.get(m) for m in metrics],
-                obtain_seconds(r),
+                SECONDS_TO_OBTAIN.value(r.cost),
                 status,
             ]
         )
-    return _table(header, rows)
+    return _table([*head, _cost_header(SECONDS_TO_OBTAIN), "status"], rows)
 
 
-def group_tables(results: list[CellResult]) -> str:
-    """One table per (hook, compression): the SAEs scored on M first (references), then every SAE on M_c."""
+def group_tables(results: list[CellResult], outputs: Outputs) -> str:
+    """One table per (hook, compression) of the headline metrics: the SAEs scored on M first (references), then
+    every SAE on M_c."""
     models = unique(r.cell["model"] for r in results)
     parts = []
     for model, hook in unique((r.cell["model"], r.cell["hook"]) for r in results):
@@ -226,27 +179,43 @@ def group_tables(results: list[CellResult]) -> str:
             for sae in unique([r.cell["sae"] for r in refs + cells]):
                 rows_of += sorted((r for r in refs if r.cell["sae"] == sae), key=source_order)
                 rows_of += sorted((r for r in cells if r.cell["sae"] == sae), key=source_order)
-            metrics = _metric_names(rows_of)
-            header = ["sae", "source", "scored on", *map(_header, metrics), "seconds to obtain", "note"]
+            metrics = columns(rows_of, outputs, HEADLINE)
+            head = ["sae", "source", "scored on", *(header(m, outputs) for m in metrics)]
             rows = [
                 [
                     r.cell["sae"],
                     r.cell["source"],
                     "M" if on_base(r) else "M_c",
                     *[r.metrics.get(m) for m in metrics],
-                    obtain_seconds(r),
+                    SECONDS_TO_OBTAIN.value(r.cost),
                     _status_note(r),
                 ]
                 for r in rows_of
             ]
             where = f"{hook} · {compression or 'no compression'}" + (f" · {model}" if len(models) > 1 else "")
-            parts += [f"#### {where}", "", _table(header, rows), ""]
+            parts += [f"#### {where}", "", _table([*head, _cost_header(SECONDS_TO_OBTAIN), "note"], rows), ""]
     return "\n".join(parts).rstrip()
 
 
-def transfer_gap_rows(results: list[CellResult]) -> list[dict]:
-    """Each SAE scored on M and on M_c (``original``, ``loaded:*``) per (model, hook, sae, compression):
-    values on both and the difference (M_c - M)."""
+Gap = tuple[float | None, float | None, float | None]  # (value on M, value on M_c, M_c - M)
+
+
+@dataclass
+class GapRow:
+    """One SAE scored on M and on M_c: per metric its value on both and the difference."""
+
+    model: str
+    hook: str
+    sae: str
+    compression: str
+    source: str
+    note: str
+    values: dict[str, Gap]
+
+
+def transfer_gap_rows(results: list[CellResult], names: list[str]) -> list[GapRow]:
+    """Each SAE scored on M and on M_c (``original``, ``loaded:*``) per (model, hook, sae, compression): the
+    values of ``names`` on both and the difference (M_c - M)."""
     rows = []
     for model, hook, sae in panels(results):
         for compression, cells in compressed(results, model, hook, sae).items():
@@ -255,46 +224,40 @@ def transfer_gap_rows(results: list[CellResult]) -> list[dict]:
             ):
                 source = transferred.cell["source"]
                 ref = references(results, source).get((model, hook, sae))
-                row: dict = {
-                    "model": model,
-                    "hook": hook,
-                    "sae": sae,
-                    "compression": compression,
-                    "source": source,
-                    "note": _status_note(transferred) or ("" if ref else f"no {source} on M"),
-                }
-                for m in GAP_METRICS:
+                values: dict[str, Gap] = {}
+                for m in names:
                     on_m, on_mc = metric(ref, m), metric(transferred, m)
-                    row[m] = (on_m, on_mc, None if on_m is None or on_mc is None else on_mc - on_m)
-                rows.append(row)
+                    values[m] = (on_m, on_mc, None if on_m is None or on_mc is None else on_mc - on_m)
+                note = _status_note(transferred) or ("" if ref else f"no {source} on M")
+                rows.append(GapRow(model, hook, sae, compression, source, note, values))
     return rows
 
 
-def transfer_gap_table(results: list[CellResult]) -> str:
-    rows = transfer_gap_rows(results)
-    metrics = [m for m in GAP_METRICS if any(row[m][0] is not None or row[m][1] is not None for row in rows)]
+def gap_columns(rows: list[GapRow], outputs: Outputs) -> list[str]:
+    """The declared gap metrics that some row has a value of, in column order."""
+    return [m for m in in_order(outputs, GAP) if any(v is not None for row in rows for v in row.values[m][:2])]
+
+
+def transfer_gap_table(results: list[CellResult], outputs: Outputs) -> str:
+    rows = transfer_gap_rows(results, in_order(outputs, GAP))
+    metrics = gap_columns(rows, outputs)
     if not rows or not metrics:
         return ""
-    multi = len({row["model"] for row in rows}) > 1
-    header = (["model"] if multi else []) + ["hook", "sae", "compression", "source"]
+    multi = len({row.model for row in rows}) > 1
+    head = (["model"] if multi else []) + ["hook", "sae", "compression", "source"]
     for m in metrics:
-        header += [f"{_header(m)} on M", "on M_c", "Δ"]
+        head += [f"{header(m, outputs)} on M", "on M_c", "Δ"]
     table = []
     for row in rows:
-        cells: list[object] = ([row["model"]] if multi else []) + [
-            row["hook"],
-            row["sae"],
-            row["compression"],
-            row["source"],
-        ]
+        cells: list[object] = ([row.model] if multi else []) + [row.hook, row.sae, row.compression, row.source]
         for m in metrics:
-            on_m, on_mc, diff = row[m]
+            on_m, on_mc, diff = row.values[m]
             cells += [on_m, on_mc, _signed(diff)]
-        table.append(cells + [row["note"]])
-    return _table(header + ["note"], table)
+        table.append(cells + [row.note])
+    return _table(head + ["note"], table)
 
 
-def cost_table(results: list[CellResult]) -> str:
+def cost_table(results: list[CellResult], outputs: Outputs) -> str:
     """Every SAE scored on M_c: what it cost to obtain and how good it is."""
     keys = panels(results)
     compressions = unique(r.cell["compression"] for r in results if not on_base(r))
@@ -308,16 +271,14 @@ def cost_table(results: list[CellResult]) -> str:
     )
     if not cells:
         return ""
-    metrics = [m for m in COST_METRICS if any(m in r.metrics for r in cells)]
-    header = [
+    metrics = columns(cells, outputs, COST_QUALITY)
+    head = [
         "hook",
         "sae",
         "compression",
         "source",
-        "seconds to obtain",
-        "tokens",
-        "activation seconds",
-        *map(_header, metrics),
+        *map(_cost_header, COST_COLUMNS),
+        *(header(m, outputs) for m in metrics),
         "note",
     ]
     rows = [
@@ -326,15 +287,19 @@ def cost_table(results: list[CellResult]) -> str:
             r.cell["sae"],
             r.cell["compression"],
             r.cell["source"],
-            obtain_seconds(r),
-            obtain_tokens(r),
-            r.cost.get("activation_seconds"),
+            *[column.value(r.cost) for column in COST_COLUMNS],
             *[metric(r, m) for m in metrics],
             _status_note(r),
         ]
         for r in cells
     ]
-    return _table(header, rows)
+    return _table(head, rows)
+
+
+def legend_table(results: list[CellResult], outputs: Outputs) -> str:
+    """What each metric column of these results is, from its declaration."""
+    rows = legend_rows(columns(results, outputs), outputs)
+    return _table(["column", "key", "what", "aggregation", "range"], rows) if rows else ""
 
 
 def _compressions(results: list[CellResult]) -> dict[str, dict]:
@@ -427,41 +392,51 @@ def figures_section(figures: list[FigureEntry], relative_to: Path) -> str:
 def markdown(
     title: str,
     results: list[CellResult],
+    outputs: Outputs,
     *,
     layers: bool = False,
     note: str = "",
     figures: list[FigureEntry] | None = None,
     figures_dir: Path | None = None,
 ) -> str:
-    """The whole report of one matrix's results as markdown (figures only when given, already drawn)."""
+    """The whole report of one matrix's results as markdown (figures only when given, already drawn).
+
+    ``outputs`` declares the metric keys (``saex.spine_outputs.declared_outputs``): which tables show a key, in
+    what order, under what header; a mark's footnote follows the first table that shows it."""
     parts = [f"## {title}", ""] + ([note, ""] if note else [])
     if not results:
         return "\n".join(parts + ["No results yet."]) + "\n"
-    has_ce = any("ce_loss_score" in r.metrics for r in results)
+    printed: set[str] = set()
+
+    def notes(names: Iterable[str]) -> list[str]:
+        return [line for footnote in footnotes(names, outputs, printed) for line in (footnote, "")]
+
     parts += [
         "### Results per hook and compression",
         "",
         "Each table starts with the SAEs scored on the uncompressed model M (`original`, `loaded:*`: the "
-        "references), then every SAE scored on the compressed model M_c.",
+        "references), then every SAE scored on the compressed model M_c. ↑ / ↓: higher / lower is better.",
         "",
-        group_tables(results),
+        group_tables(results, outputs),
         "",
+        *notes(columns(results, outputs, HEADLINE)),
     ]
-    if has_ce:
-        parts += [ABLATION_NOTE, ""]
-    gap = transfer_gap_table(results)
+    gap = transfer_gap_table(results, outputs)
     if gap:
         parts += [
             "### Transfer gap: the same SAE on M vs on M_c",
             "",
-            "Δ = value on M_c - value on M (negative: the SAE explains the compressed model less well).",
+            "Δ = value on M_c - value on M: for a metric marked ↑, a negative Δ means the SAE explains the "
+            "compressed model less well (for ↓, a positive one).",
             "",
             gap,
             "",
+            *notes(gap_columns(transfer_gap_rows(results, in_order(outputs, GAP)), outputs)),
         ]
-    cost = cost_table(results)
+    cost = cost_table(results, outputs)
     if cost:
-        parts += ["### Cost vs quality", "", COST_NOTE, "", cost, ""]
+        cells = [r for r in results if not on_base(r)]
+        parts += ["### Cost vs quality", "", COST_NOTE, "", cost, "", *notes(columns(cells, outputs, COST_QUALITY))]
     summary = compression_summary(results)
     if summary:
         parts += ["### Compression check (achieved, per targeted Linear layer)", "", summary, ""]
@@ -471,8 +446,11 @@ def markdown(
             parts += [layer_table, ""]
     if figures is not None:
         parts += ["### Figures", "", figures_section(figures, figures_dir or Path(".")) or "No figures.", ""]
-    parts += ["### Every cell", "", cells_table(results)]
-    return "\n".join(parts) + "\n"
+    legend = legend_table(results, outputs)
+    if legend:
+        parts += ["### Metrics", "", "What each metric column holds, as its metric declares it.", "", legend, ""]
+    parts += ["### Every cell", "", cells_table(results, outputs), "", *notes(columns(results, outputs))]
+    return "\n".join(parts).rstrip() + "\n"
 
 
 # --- writing a report folder ------------------------------------------------------------------------------
@@ -507,7 +485,9 @@ class _Planned:
     draw: Callable[[Path], Path]
 
 
-def write_report(out_dir: Path, sections: list[Section], *, layers: bool = False, force: bool = False) -> list[Path]:
+def write_report(
+    out_dir: Path, sections: list[Section], outputs: Outputs, *, layers: bool = False, force: bool = False
+) -> list[Path]:
     """Write ``report.md`` and the PNG figures of every section into ``out_dir``; return the paths written.
 
     Every file that would be written is checked first: if one exists and ``force`` is false, ``ReportExists``
@@ -519,7 +499,7 @@ def write_report(out_dir: Path, sections: list[Section], *, layers: bool = False
     planned: list[tuple[list[_Planned], list[FigureEntry]]] = []
     for section in sections:
         prefix = slug(section.title) + "-" if len(sections) > 1 else ""
-        draws, skipped = figures.plan(section.results, out_dir, prefix)
+        draws, skipped = figures.plan(section.results, outputs, out_dir, prefix)
         planned.append(([_Planned(t, p, d) for t, p, d in draws], [FigureEntry(t, note=n) for t, n in skipped]))
     report_path = out_dir / "report.md"
     targets = [report_path] + [p.path for draws, _ in planned for p in draws]
@@ -537,6 +517,7 @@ def write_report(out_dir: Path, sections: list[Section], *, layers: bool = False
             markdown(
                 section.title,
                 section.results,
+                outputs,
                 layers=layers,
                 note=section.note,
                 figures=entries + skipped,

@@ -9,9 +9,13 @@ from pathlib import Path
 
 import pytest
 
+from saex import MetricOutput, NoParams, hookimpl
 from saex.cli import main
+from saex.columns import GAP, in_order
+from saex.manager import load_plugins
 from saex.matrix import BASE
 from saex.report import Section, markdown, transfer_gap_rows, write_report
+from saex.spine_outputs import declared_outputs
 from saex.store import CellResult, ResultsStore
 
 HOOK = "layers.4.resid_post"
@@ -38,6 +42,7 @@ QUALITY = {
 }
 ON_M = (0.90, 0.98, 0.97)
 NAMES = ("explained_variance", "ce_loss_score", "kl_div_score")
+OUTPUTS = declared_outputs(load_plugins(entry_points=False))  # the built-in metrics' and the spine's
 
 
 def cell(source: str, compression: str | None, *, hook: str = HOOK, matrix: str = "paper") -> dict:
@@ -123,7 +128,7 @@ def is_png(path: Path, min_bytes: int = 8_000) -> tuple[int, int]:
 
 
 def test_tables_group_per_hook_and_compression_with_the_reference_row():
-    text = markdown("matrix paper", synthetic_results())
+    text = markdown("matrix paper", synthetic_results(), OUTPUTS)
     for compression in COMPRESSIONS:
         group = section_of(text, f"#### {HOOK} · {compression}")
         ref = row_of(group, "original", "M")
@@ -144,10 +149,10 @@ def test_tables_group_per_hook_and_compression_with_the_reference_row():
 
 
 def test_transfer_gap_is_value_on_compressed_minus_value_on_base():
-    rows = {row["compression"]: row for row in transfer_gap_rows(synthetic_results())}
-    on_m, on_mc, diff = rows["wanda-50"]["explained_variance"]
+    rows = {row.compression: row for row in transfer_gap_rows(synthetic_results(), in_order(OUTPUTS, GAP))}
+    on_m, on_mc, diff = rows["wanda-50"].values["explained_variance"]
     assert (on_m, on_mc) == (0.90, 0.81) and diff == pytest.approx(-0.09)
-    gap = section_of(markdown("matrix paper", synthetic_results()), "### Transfer gap")
+    gap = section_of(markdown("matrix paper", synthetic_results(), OUTPUTS), "### Transfer gap")
     row = row_of(gap, "wanda-50")
     assert row[3:13] == ["original", "0.9", "0.81", "-0.09", "0.98", "0.93", "-0.05", "0.97", "0.9", "-0.07"]
     assert row_of(gap, "gptq-w4")[6] == "-0.02"
@@ -163,16 +168,16 @@ def test_a_loaded_sae_is_a_reference_and_has_a_transfer_gap(tmp_path):
                 f"l-{compression}", "paper", cell(loaded, compression), "done", dict(zip(NAMES, (0.6, 0.85, 0.75)))
             )
         )
-    text = markdown("matrix paper", results)
+    text = markdown("matrix paper", results, OUTPUTS)
     group = section_of(text, f"#### {HOOK} · gptq-w4")
     assert row_of(group, loaded, "M")[3] == "0.7" and row_of(group, loaded, "M_c")[3] == "0.6"
     assert row_of(section_of(text, "### Transfer gap"), "gptq-w4", loaded)[4:7] == ["0.7", "0.6", "-0.1"]
-    written = write_report(tmp_path, [Section("matrix paper", results)])
+    written = write_report(tmp_path, [Section("matrix paper", results)], OUTPUTS)
     assert is_png(next(p for p in written if p.name.startswith("transfer-gap")))
 
 
 def test_cost_table_uses_pruning_seconds_for_pruned_sources():
-    table = section_of(markdown("matrix paper", synthetic_results()), "### Cost vs quality")
+    table = section_of(markdown("matrix paper", synthetic_results(), OUTPUTS), "### Cost vs quality")
     assert row_of(table, "wanda-50", "pruned:wanda@0.5")[4:9] == ["3", "1.638e+04", "12", "0.74", "0.88"]
     assert row_of(table, "wanda-50", "retrained")[4:7] == ["540", "4e+06", "75"]
 
@@ -182,20 +187,20 @@ def test_failed_cell_shows_the_first_line_of_its_error():
     failed = next(r for r in results if r.cell["compression"] == "wanda-50" and r.cell["source"] == "pruned:wanda@0.25")
     failed.status, failed.metrics = "failed", {}
     failed.error = "CompressionMismatch: layer stayed dense\nTraceback (most recent call last): ..."
-    text = markdown("matrix paper", results)
+    text = markdown("matrix paper", results, OUTPUTS)
     group = section_of(text, f"#### {HOOK} · wanda-50")
     assert row_of(group, failed.cell["source"], "M_c")[-1] == "failed: CompressionMismatch: layer stayed dense"
     assert "Traceback" not in text
 
 
 def test_report_folder_has_readable_figures(tmp_path):
-    written = write_report(tmp_path / "out", [Section("matrix paper", synthetic_results())])
-    # one figure per (kind, metric, hook, sae), named after them
+    written = write_report(tmp_path / "out", [Section("matrix paper", synthetic_results())], OUTPUTS)
+    # one figure per (kind, metric, hook, sae), named after them, metrics in their declared column order
     assert [p.name for p in written] == [
         "report.md",
+        "sparsity-explained_variance-layers.4.resid_post-topk.png",
         "sparsity-ce_loss_score-layers.4.resid_post-topk.png",
         "sparsity-kl_div_score-layers.4.resid_post-topk.png",
-        "sparsity-explained_variance-layers.4.resid_post-topk.png",
         "transfer-gap-layers.4.resid_post-topk.png",
         "cost-explained_variance-layers.4.resid_post-topk.png",
         "cost-ce_loss_score-layers.4.resid_post-topk.png",
@@ -214,7 +219,7 @@ def test_missing_data_skips_a_figure_with_a_note(tmp_path):
     results = [r for r in synthetic_results() if not r.cell["source"].startswith("pruned:")]
     for r in results:
         r.metrics.pop("ce_loss_score")
-    written = write_report(tmp_path, [Section("matrix paper", results)])
+    written = write_report(tmp_path, [Section("matrix paper", results)], OUTPUTS)
     assert not any("sparsity" in p.name for p in written) and not any("ce_loss" in p.name for p in written)
     assert any("transfer-gap" in p.name for p in written) and any("cost-explained" in p.name for p in written)
     report = (tmp_path / "report.md").read_text()
@@ -225,7 +230,7 @@ def test_missing_data_skips_a_figure_with_a_note(tmp_path):
 
 def test_two_hooks_give_a_figure_each(tmp_path):
     results = synthetic_results() + synthetic_results(hook="layers.4.mlp_out")
-    written = write_report(tmp_path, [Section("matrix paper", results)])
+    written = write_report(tmp_path, [Section("matrix paper", results)], OUTPUTS)
     assert sum("transfer-gap" in p.name for p in written) == 2
     text = (tmp_path / "report.md").read_text()
     assert "#### layers.4.mlp_out · gptq-w4" in text and "#### layers.4.resid_post · gptq-w4" in text
@@ -234,7 +239,7 @@ def test_two_hooks_give_a_figure_each(tmp_path):
 def store_with(path: Path, results: list[CellResult]) -> Path:
     store = ResultsStore(path)
     for r in results:
-        store.start(r.key, r.matrix, r.cell, {"cell": r.cell})
+        assert store.claim(r.key, r.matrix, r.cell, {"cell": r.cell})
         store.finish(r)
     store.close()
     return path
@@ -268,3 +273,87 @@ def test_cli_report_without_out_prints_markdown(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "### Transfer gap" in out and "### Figures" not in out
     assert main(["report", "--store", str(store), "--force"]) == 2
+
+
+class Faithfulness:
+    """A third-party metric: its one output declares everything the report reads."""
+
+    name = "faithfulness"
+    description = "test: a metric the spine has never heard of"
+    scope = "sae"
+    Params = NoParams
+    outputs = (
+        MetricOutput(
+            name="faith_rate",
+            label="faith",
+            description="share of tokens the SAE keeps faithful",
+            aggregation="share of eval tokens",
+            higher_is_better=False,
+            unit="%",
+            range=(0, 100),
+            headline=True,
+            gap=True,
+            vs_sparsity=True,
+            order=15,
+            note="faith is measured on the first 100 tokens only.",
+        ),
+    )
+
+    def compute(self, ctx, params):
+        return {"faith_rate": 1.0}
+
+
+class FaithPlugin:
+    @staticmethod
+    @hookimpl
+    def register_metrics(register):
+        register(Faithfulness())
+
+
+def with_metric(results: list[CellResult], key: str) -> list[CellResult]:
+    """Every done cell also holds ``key``: 10 on M, 10 + 10 * sparsity (or 12) on M_c."""
+    for r in results:
+        sparsity = float(r.cell["source"].partition("@")[2] or 0.2)
+        r.metrics[key] = 10.0 if r.cell["compression"] is None else 10.0 + 10 * sparsity
+    return results
+
+
+def test_a_third_party_metric_is_reported_from_its_declaration_alone(tmp_path):
+    outputs = declared_outputs(load_plugins([("faith", FaithPlugin)], entry_points=False))
+    written = write_report(tmp_path, [Section("matrix paper", with_metric(synthetic_results(), "faith_rate"))], outputs)
+    text = (tmp_path / "report.md").read_text()
+    # headline column after explained_variance (order 15), with its label, note mark, unit and arrow; marks are
+    # numbered in column order, so ce_loss_score's caveat (order 20) moves to the second mark
+    group = section_of(text, f"#### {HOOK} · wanda-50")
+    head = row_of(group, "sae", "source")
+    assert head[3:6] == ["explained_variance ↑", "faith† (%) ↓", "ce_loss_score‡ ↑"]
+    assert row_of(group, "pruned:wanda@0.5", "M_c")[4] == "15"
+    tables = text[text.index("### Results per hook") : text.index("### Transfer gap")]
+    assert "† faith is measured on the first 100 tokens only." in tables and "‡ ce_loss_score = " in tables
+    # in the transfer gap, with Δ = 12 - 10, and its footnote printed once, under the first table
+    assert row_of(section_of(text, "### Transfer gap"), "wanda-50")[7:10] == ["10", "12", "+2"]
+    assert text.count("† faith is measured") == 1
+    legend = row_of(section_of(text, "### Metrics"), "faith_rate")
+    assert legend == [
+        "faith† (%) ↓",
+        "faith_rate",
+        "share of tokens the SAE keeps faithful",
+        "share of eval tokens",
+        "[0, 100]",
+    ]
+    # and drawn against the SAE's pruning sparsity, under its key
+    assert is_png(tmp_path / "sparsity-faith_rate-layers.4.resid_post-topk.png") and len(written) == 8
+
+
+def test_an_undeclared_key_is_shown_marked_in_the_table_of_every_cell_only():
+    text = markdown("matrix paper", with_metric(synthetic_results(), "mystery"), OUTPUTS)
+    assert "mystery" not in text[text.index("### Results per hook") : text.index("### Transfer gap")]
+    cells = section_of(text, "### Every cell")
+    head = row_of(cells, "model", "hook")
+    assert head[head.index("mse ↓") + 1] == "mystery?"  # after every declared column
+    assert row_of(cells, "pruned:wanda@0.5", "M_c (wanda-50)")[head.index("mystery?")] == "15"
+    assert cells.rstrip().endswith(
+        "? not declared by any loaded metric (its plugin is not loaded, or it does not "
+        "declare this key): shown as stored, with no direction, unit or description."
+    )
+    assert row_of(section_of(text, "### Metrics"), "mystery") == ["mystery?", "mystery", "not declared", "", ""]

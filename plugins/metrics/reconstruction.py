@@ -14,11 +14,75 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, PositiveInt
 
-from saex import Metric, MetricContext, hookimpl
+from saex import Metric, MetricContext, MetricOutput, hookimpl
 
 DENSE_THRESHOLD = 0.1  # a latent firing on more than this share of tokens counts as dense
 L2_RATIO_MIN_NORM = 1e-4  # inputs with a smaller norm are divided by 1 instead (as SAELens does)
-METRIC_KEYS = ("mse", "cos", "l2_ratio", "explained_variance", "l0", "l1", "dead_frac", "dense_frac")
+PER_TOKEN = "mean over eval tokens"
+PER_LATENT = "share of latents, density over eval tokens"
+OUTPUTS = (
+    MetricOutput(
+        name="mse",
+        description="squared reconstruction error ||x - x_hat||^2, summed over dimensions",
+        aggregation=PER_TOKEN,
+        higher_is_better=False,
+        range=(0, None),
+    ),
+    MetricOutput(
+        name="cos",
+        description="cosine between x and its reconstruction",
+        aggregation=PER_TOKEN,
+        higher_is_better=True,
+        range=(-1, 1),
+    ),
+    MetricOutput(
+        name="l2_ratio",
+        description="||x_hat|| / ||x||: 1 keeps the norm, below 1 shrinks it",
+        aggregation=PER_TOKEN,
+        range=(0, None),
+    ),
+    MetricOutput(
+        name="explained_variance",
+        description="1 - squared error / variance around the per-dimension mean (1: perfect, 0: the mean)",
+        aggregation="pooled over eval tokens",
+        higher_is_better=True,
+        range=(None, 1),
+        headline=True,
+        gap=True,
+        cost_quality=True,
+        vs_sparsity=True,
+        order=10,
+    ),
+    MetricOutput(
+        name="l0",
+        description="latents active per token",
+        aggregation=PER_TOKEN,
+        unit="latents",
+        range=(0, None),
+        headline=True,
+        order=40,
+    ),
+    MetricOutput(name="l1", description="sum of |latent activations|", aggregation=PER_TOKEN, range=(0, None)),
+    MetricOutput(
+        name="dead_frac",
+        description="latents that never fire on the eval tokens",
+        aggregation=PER_LATENT,
+        higher_is_better=False,
+        range=(0, 1),
+        headline=True,
+        order=41,
+    ),
+    MetricOutput(
+        name="dense_frac",
+        description=f"latents firing on more than {DENSE_THRESHOLD:g} of the eval tokens",
+        aggregation=PER_LATENT,
+        higher_is_better=False,
+        range=(0, 1),
+        headline=True,
+        order=42,
+    ),
+)
+METRIC_KEYS = tuple(output.name for output in OUTPUTS)
 
 
 class SAELike(Protocol):
@@ -133,6 +197,7 @@ class Reconstruction:
     scope = "sae"
     description = "Reconstruction (mse, cos, l2_ratio, explained variance) and sparsity (l0, l1, dead/dense) of the SAE"
     Params = ReconstructionParams
+    outputs = OUTPUTS
 
     def compute(self, ctx: MetricContext, params: BaseModel) -> dict[str, float]:
         if not isinstance(params, ReconstructionParams):

@@ -17,9 +17,57 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict
 
-from saex import MetricContext, hookimpl
+from saex import MetricContext, MetricOutput, hookimpl
 
 MATCH_THRESHOLD = 0.7
+OUTPUTS = (
+    MetricOutput(
+        name="freq_shift_mean_abs",
+        description="|firing density on M_c - firing density on M| of each latent, same tokens",
+        aggregation="mean over latents",
+        higher_is_better=False,
+        range=(0, 1),
+    ),
+    MetricOutput(
+        name="freq_corr",
+        description="Pearson correlation of the latents' firing densities on M and on M_c",
+        aggregation="over latents",
+        higher_is_better=True,
+        range=(-1, 1),
+    ),
+    MetricOutput(
+        name="act_corr_mean",
+        description="Pearson correlation, token by token, of a latent's activation on M and on M_c",
+        aggregation="mean over latents active on both models",
+        higher_is_better=True,
+        range=(-1, 1),
+        headline=True,
+        order=50,
+    ),
+    MetricOutput(
+        name="act_corr_latents",
+        description="latents active on both models (those act_corr_mean averages)",
+        aggregation="count of latents",
+        unit="latents",
+        range=(0, None),
+    ),
+    MetricOutput(
+        name="dec_match_mean_max_cos",
+        description="largest cosine of a latent's decoder row with any decoder row of the original SAE",
+        aggregation="mean over latents",
+        higher_is_better=True,
+        range=(-1, 1),
+        headline=True,
+        order=51,
+    ),
+    MetricOutput(
+        name=f"dec_match_share_above_{MATCH_THRESHOLD}",
+        description=f"latents whose decoder row has a cosine above {MATCH_THRESHOLD} with one of the original SAE",
+        aggregation="share of latents",
+        higher_is_better=True,
+        range=(0, 1),
+    ),
+)
 
 
 class _LatentPairStats:
@@ -72,6 +120,8 @@ class Transfer:
     description = (
         "firing-frequency shift and per-latent activation correlation M vs M_c; decoder match to the original SAE"
     )
+
+    outputs = OUTPUTS
 
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid")
