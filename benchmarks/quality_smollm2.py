@@ -86,7 +86,7 @@ def main() -> None:
             json.dumps(
                 {
                     "sae": name,
-                    "architecture": entry.plugin,
+                    "architecture": resolved.entry.plugin,
                     "hook": args.hook,
                     "train_tokens_unique": acts["train"].n_tokens,
                     "tokens": result.tokens,

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -47,11 +47,13 @@ class ShardedActivations:
     one partial batch), which is enough mixing for SAE training on shards of tens of thousands of tokens.
     """
 
-    def __init__(self, path: Path, meta: dict):
+    def __init__(self, path: Path, meta: dict, shards: list[Path] | None = None):
+        """``shards``: the shard files, resolved by the cache (``Cache.file``) so a name in ``meta`` can never
+        point out of the directory; default ``path / name`` for stores the caller built itself."""
         self.path = path
         self.n_tokens = int(meta["n_tokens"])
         self.d_in = int(meta["d_in"])
-        self.shards: list[str] = list(meta["shards"])
+        self.shards: list[Path] = shards if shards is not None else [path / name for name in meta["shards"]]
         # wall time of the model pass that collected them (shared by the hooks collected together); None for
         # caches written before it was recorded
         self.seconds: float | None = meta.get("seconds")
@@ -60,7 +62,7 @@ class ShardedActivations:
         shard_order = _order(len(self.shards), shuffle, seed)
         carry: torch.Tensor | None = None
         for i, shard_index in enumerate(shard_order.tolist()):
-            x = load_file(self.path / self.shards[shard_index])["x"].float()
+            x = load_file(self.shards[shard_index])["x"].float()
             x = x[_order(len(x), shuffle, seed * 7919 + i)]
             if carry is not None:
                 x = torch.cat([carry, x])
@@ -96,15 +98,27 @@ def collect_activations(
     ``model`` may be a callable returning the model, called only when something must be collected.
     """
     keys = {h: cache_key({**key_parts, "hook": str(h), "version": ACTIVATIONS_VERSION}) for h in hooks}
-    found = {h: cache.get("activations", keys[h]) for h in hooks}
-    missing = [h for h in hooks if found[h] is None]
-    if missing:
-        if not isinstance(model, nn.Module):
-            model = model()
-        _collect_missing(
-            cache, model, tokenizer, blocks, missing, keys, device, batch_blocks, shard_tokens, desc, progress
-        )
-    return {h: ShardedActivations(cache.dir("activations", keys[h]), cache.meta("activations", keys[h])) for h in hooks}
+    with contextlib.ExitStack() as locks:  # sorted: two processes never wait on each other's locks
+        for key in sorted(keys.values()):
+            locks.enter_context(cache.locked("activations", key))
+        missing = [h for h in hooks if cache.get("activations", keys[h]) is None]
+        if missing:
+            if not isinstance(model, nn.Module):
+                model = model()
+            _collect_missing(
+                cache, model, tokenizer, blocks, missing, keys, device, batch_blocks, shard_tokens, desc, progress
+            )
+    return {h: _cached(cache, keys[h]) for h in hooks}
+
+
+def _cached(cache: Cache, key: str) -> ShardedActivations:
+    meta = cache.meta("activations", key)
+    shards = [cache.file("activations", key, str(name)) for name in meta["shards"]]
+    return ShardedActivations(cache.dir("activations", key), meta, shards)
+
+
+class NonFiniteActivations(ValueError):
+    """Activations with NaN/Inf: never cached, never scored (every metric on them would be meaningless)."""
 
 
 class _ShardWriter:
@@ -117,6 +131,9 @@ class _ShardWriter:
         self.d_in = 0
 
     def add(self, x: torch.Tensor) -> None:
+        if not torch.isfinite(x).all():
+            bad = int((~torch.isfinite(x)).any(-1).sum())
+            raise NonFiniteActivations(f"the model produced NaN/Inf activations at {bad} of {len(x)} tokens")
         self.pending.append(x.float().cpu())
         self.pending_rows += len(x)
         self.d_in = x.shape[-1]
@@ -140,7 +157,7 @@ class _ShardWriter:
 def _collect_missing(
     cache, model, tokenizer, blocks, hooks, keys, device, batch_blocks, shard_tokens, desc, progress
 ) -> None:
-    tmp_dirs = {h: Path(tempfile.mkdtemp(prefix=".collect.", dir=_ensure(cache.root / "activations"))) for h in hooks}
+    tmp_dirs = {h: cache.temporary(cache.root / "activations", "collect") for h in hooks}
     try:
         writers = {h: _ShardWriter(tmp_dirs[h], shard_tokens) for h in hooks}
         start_time = time.perf_counter()
@@ -159,11 +176,6 @@ def _collect_missing(
     finally:
         for d in tmp_dirs.values():
             shutil.rmtree(d, ignore_errors=True)
-
-
-def _ensure(path: Path) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def _move_into(src: Path, dst: Path, meta: dict) -> dict:

@@ -5,12 +5,20 @@ M_c is built only when something not yet cached needs it), activations per (mode
 Every artifact is memoised in memory and cached on disk under a key that hashes the resolved identity of
 everything that determines it (``Resolved.identity()``: plugin and params with defaults filled in). Nothing
 here knows about cells or the results store (``harness/run.py``).
+
+A loaded SAE (``loaded:``) takes the place of the trained original: ``pruned`` prunes it, and ``retrained`` trains
+the same SAE afresh on M_c (``mirrored``): the loaded SAE's architecture and the params its files fix (width, k,
+...; all of them for a file saex wrote), the params the matrix's ``saes`` entry writes out for the rest when the
+entry is of that architecture (what only shapes training: loss weights, ``normalize_input``, ``b_dec_init``),
+and the entry's ``training``. A loaded SAE with a per-token layer norm is retrained on layer-normed activations,
+as OpenAI trained theirs, and keeps the norm.
 """
 
 from __future__ import annotations
 
+import shutil
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,15 +31,18 @@ from saex.compressed import compress_verified
 from saex.corpus import TokenBlocks
 from saex.hookpoints import HookPoint
 from saex.language_model import next_token_loss
-from saex.protocols import CompressionContext, Compressor, LoadedModel, SAEArchitecture, SAEPruner
-from saex.registry import MatrixEntry, Resolved
-from saex.sae import SAE, load_sae, save_sae
+from saex.pretrained import LoadedRef
+from saex.protocols import ActivationSource, CompressionContext, Compressor, LoadedModel, SAEArchitecture, SAEPruner
+from saex.registry import MatrixEntry, Resolved, SAEEntry
+from saex.sae import SAE, layer_norm, load_sae, save_sae
+from saex.sae_formats import load_pretrained
 from saex.sae_sparsity import sae_sparsity
-from saex.saelens import load_pretrained
 from saex.sources import Source
 from saex.training import train_sae
 
-SAE_VERSION = 1
+SAE_VERSION = 2  # 2: saved SAEs carry the ``layer_norm`` buffer
+WIDTH_PARAMS = ("d_sae", "expansion_factor")  # a retrained SAE keeps the loaded one's width
+TRAINING_INIT = ("normalize_input", "b_dec_init")  # readers of foreign files set these only to describe them
 
 
 @dataclass
@@ -64,7 +75,7 @@ class ModelState:
 class SAEArtifact:
     sae: SAE
     cost: dict[str, float]
-    key: str  # cache key ("" for SAEs loaded from a user's path)
+    key: str  # cache key (for SAEs loaded from a user's files, a hash of their identity: nothing is cached)
     details: dict = field(default_factory=dict)
 
 
@@ -79,8 +90,29 @@ class Setting:
     device: torch.device
 
 
-def trained_sae_key(acts: ShardedActivations, sae: Resolved[SAEArchitecture], seed: int) -> str:
-    return cache_key({"acts": acts.path.name, "sae": sae.identity(), "seed": seed, "version": SAE_VERSION})
+def trained_sae_key(acts: ShardedActivations, sae: Resolved[SAEArchitecture], seed: int, layer_norm: bool) -> str:
+    parts = {"acts": acts.path.name, "sae": sae.identity(), "seed": seed, "version": SAE_VERSION}
+    return cache_key(parts | {"layer_norm": True} if layer_norm else parts)
+
+
+@dataclass
+class LayerNormed:
+    """Activations with each token layer-normed as ``SAE.normalise`` does: what an SAE with ``layer_norm`` is
+    trained on (its ``training_loss`` sees normalised inputs, never the model's)."""
+
+    acts: ActivationSource
+
+    @property
+    def d_in(self) -> int:
+        return self.acts.d_in
+
+    @property
+    def n_tokens(self) -> int:
+        return self.acts.n_tokens
+
+    def iter_batches(self, batch_size: int, *, shuffle: bool = False, seed: int = 0) -> Iterator[torch.Tensor]:
+        for batch in self.acts.iter_batches(batch_size, shuffle=shuffle, seed=seed):
+            yield layer_norm(batch)[0]
 
 
 def pruned_sae_key(original: str, pruner: Resolved[SAEPruner], sparsity: float, calibration: ShardedActivations) -> str:
@@ -183,14 +215,13 @@ class Artifacts:
         if state.lm is None:
             s = self.setting
             key = cache_key({**state.identity, "tokens": s.blocks.key, "what": "next_token_loss"})
-            if self.cache.get("lm", key) is None:
-                self.cache.put(
-                    "lm",
-                    key,
-                    lambda tmp: next_token_loss(
-                        state.model, s.blocks.eval, s.loaded.tokenizer, device=s.device, progress=self.progress
-                    ),
-                )
+            self.cache.computed(
+                "lm",
+                key,
+                lambda tmp: next_token_loss(
+                    state.model, s.blocks.eval, s.loaded.tokenizer, device=s.device, progress=self.progress
+                ),
+            )
             state.lm = self.cache.meta("lm", key)
         return {"model_ce": state.lm["ce"], "model_ppl": state.lm["ppl"]}
 
@@ -203,73 +234,102 @@ class Artifacts:
         target: ModelState,
         hook: HookPoint,
         pruner: Resolved[SAEPruner] | None = None,
+        loaded: LoadedRef | None = None,
     ) -> SAEArtifact:
-        """The SAE of ``source`` for a cell scored on ``target`` (``pruner`` for ``pruned:`` sources)."""
-        if source.kind == "loaded":
-            return self.loaded(Path(source.path).expanduser())
+        """The SAE of ``source`` for a cell scored on ``target`` (``pruner`` for ``pruned:`` sources; ``loaded``:
+        the files of a ``loaded:`` source, or of the one ``retrained`` and ``pruned`` derive from)."""
         if source.kind == "pruned":
             assert pruner is not None and source.sparsity is not None
-            return self.pruned(sae, pruner, source.sparsity, target, hook)
-        return self.trained(sae, self.base if source.kind == "original" else target, hook)
+            return self.pruned(self.original(sae, hook, loaded), pruner, source.sparsity, target, hook)
+        if source.kind == "retrained" and loaded is not None:
+            original = self.loaded(loaded).sae
+            trained = self.trained(self.mirrored(sae, original), target, hook, layer_norm=bool(original.layer_norm))
+            like = {"architecture": original.name, "d_sae": original.d_sae, "source": loaded.source}
+            return SAEArtifact(trained.sae, trained.cost, trained.key, {"retrained_like": like})
+        if source.kind == "retrained":
+            return self.trained(sae, target, hook)
+        return self.original(sae, hook, loaded)
 
-    def loaded(self, path: Path) -> SAEArtifact:
-        start = time.perf_counter()
-        sae = load_pretrained(path, self.architectures).to(self.setting.device).eval()
-        return SAEArtifact(sae, {"sae_seconds": time.perf_counter() - start, "sae_tokens": 0}, "")
+    def original(self, sae: Resolved[SAEArchitecture], hook: HookPoint, loaded: LoadedRef | None) -> SAEArtifact:
+        """The SAE that plays ``original``: the loaded one when the matrix has one, else ``sae`` trained on M."""
+        return self.loaded(loaded) if loaded is not None else self.trained(sae, self.base, hook)
 
-    def trained(self, sae: Resolved[SAEArchitecture], on: ModelState, hook: HookPoint) -> SAEArtifact:
-        """An SAE of ``sae`` trained on ``on``'s activations at ``hook`` (``original`` when ``on`` is M)."""
+    def loaded(self, ref: LoadedRef) -> SAEArtifact:
+        """The SAE of a ``loaded:`` source, read once per run; nothing is written to the cache."""
+        key = cache_key(ref.identity())
+        if key not in self._saes:
+            start = time.perf_counter()
+            sae = load_pretrained(ref.path, self.architectures, ref.file.format).to(self.setting.device).eval()
+            cost = {"sae_seconds": time.perf_counter() - start, "sae_tokens": 0}
+            details = {"loaded": {"format": ref.file.format, "path": str(ref.path), "hook": ref.file.hook}}
+            self._remember(SAEArtifact(sae, cost, key, details))
+        return self._saes[key]
+
+    def mirrored(self, sae: Resolved[SAEArchitecture], original: SAE) -> Resolved[SAEArchitecture]:
+        """The registry entry ``retrained`` trains for a loaded ``original`` (module doc)."""
+        params = original.params.model_dump(mode="json")
+        fixed = (original.params.model_fields_set - set(TRAINING_INIT)) | set(WIDTH_PARAMS)
+        if sae.entry.plugin == original.name:
+            params |= {k: v for k, v in sae.entry.params.items() if k not in fixed}
+        component = self.architectures[original.name]
+        entry = SAEEntry(plugin=original.name, params=params, training=sae.entry.training)
+        return Resolved("saes", sae.name, component, component.Params.model_validate(params), entry)
+
+    def trained(
+        self, sae: Resolved[SAEArchitecture], on: ModelState, hook: HookPoint, *, layer_norm: bool = False
+    ) -> SAEArtifact:
+        """An SAE of ``sae`` trained on ``on``'s activations at ``hook`` (``original`` when ``on`` is M); with
+        ``layer_norm``, on the activations layer-normed per token, and it keeps the norm."""
         s = self.setting
         acts = self.activations(on, "train", hook)
-        key = trained_sae_key(acts, sae, s.matrix.seed)
+        key = trained_sae_key(acts, sae, s.matrix.seed, layer_norm)
         if key in self._saes:
             return self._saes[key]
-        if self.cache.get("saes", key) is None:
 
-            def write(tmp: Path) -> dict:
-                model = sae.component.build(acts.d_in, sae.params, seed=s.matrix.seed)
-                result = train_sae(
-                    model,
-                    acts,
-                    sae.entry.training,
-                    device=s.device,
-                    progress=self.progress,
-                    checkpoint_dir=self.cache.root / "checkpoints" / key,
-                )
-                save_sae(model, tmp)
-                final = {f"train_{k}": v for k, v in result.final.items()}
-                return {"seconds": result.seconds, "tokens": result.tokens, "steps": result.steps, **final}
+        def write(tmp: Path) -> dict:
+            model = sae.component.build(acts.d_in, sae.params, seed=s.matrix.seed)
+            result = train_sae(
+                model,
+                LayerNormed(acts) if layer_norm else acts,
+                sae.entry.training,
+                device=s.device,
+                progress=self.progress,
+                checkpoint_dir=self.cache.root / "checkpoints" / key,
+            )
+            model.layer_norm.fill_(layer_norm)
+            save_sae(model, tmp)
+            final = {f"train_{k}": v for k, v in result.final.items()}
+            return {"seconds": result.seconds, "tokens": result.tokens, "steps": result.steps, **final}
 
-            self.cache.put("saes", key, write)
+        self.cache.computed("saes", key, write)
+        shutil.rmtree(self.cache.root / "checkpoints" / key, ignore_errors=True)  # the SAE is stored now
         meta = self.cache.meta("saes", key)
         cost = {"sae_seconds": meta["seconds"], "sae_tokens": meta["tokens"], **_activation_cost(acts)}
         return self._remember(SAEArtifact(self._load(key), cost, key))
 
     def pruned(
         self,
-        sae: Resolved[SAEArchitecture],
+        original: SAEArtifact,
         pruner: Resolved[SAEPruner],
         sparsity: float,
         target: ModelState,
         hook: HookPoint,
     ) -> SAEArtifact:
-        """The original SAE pruned by ``pruner`` at ``sparsity``, calibrated on ``target``'s calibration split."""
-        original = self.trained(sae, self.base, hook)
+        """``original`` pruned by ``pruner`` at ``sparsity``, calibrated on ``target``'s calibration split."""
         calibration = self.activations(target, "calibration", hook)
         key = pruned_sae_key(original.key, pruner, sparsity, calibration)
         if key in self._saes:
             return self._saes[key]
-        if self.cache.get("saes", key) is None:
 
-            def write(tmp: Path) -> dict:
-                start = time.perf_counter()
-                pruned = pruner.component.prune(original.sae, pruner.params, calibration, sparsity)
-                seconds = time.perf_counter() - start
-                save_sae(pruned, tmp)
-                achieved = sae_sparsity(pruned, reference=original.sae)
-                return {"seconds": seconds, "tokens": calibration.n_tokens, "achieved": achieved}
+        def write(tmp: Path) -> dict:
+            start = time.perf_counter()
+            pruned = pruner.component.prune(original.sae, pruner.params, calibration, sparsity)
+            seconds = time.perf_counter() - start
+            save_sae(pruned, tmp)
+            achieved = sae_sparsity(pruned, reference=original.sae)
+            return {"seconds": seconds, "tokens": calibration.n_tokens, "achieved": achieved}
 
-            self.cache.put("saes", key, write)
+        self.cache.computed("saes", key, write)
         meta = self.cache.meta("saes", key)
         cost = {
             "sae_seconds": meta["seconds"],

@@ -114,13 +114,11 @@ def token_blocks(
             "version": 1,
         }
     )
-    path = cache.get("tokens", key)
-    if path is None:
 
-        def write(tmp: Path) -> dict[str, int]:
-            packed = pack(documents(), tokenizer, block_size, n_blocks, progress=progress)
-            save_file({s: t.contiguous() for s, t in packed.items()}, tmp / "blocks.safetensors")
-            return n_blocks
+    def write(tmp: Path) -> dict[str, int]:
+        packed = pack(documents(), tokenizer, block_size, n_blocks, progress=progress)
+        save_file({s: t.contiguous() for s, t in packed.items()}, tmp / "blocks.safetensors")
+        return n_blocks
 
-        path = cache.put("tokens", key, write)
+    path = cache.computed("tokens", key, write)
     return TokenBlocks(key, **load_file(path / "blocks.safetensors"))

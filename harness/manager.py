@@ -20,12 +20,22 @@ from typing import Literal
 import pluggy
 
 from saex import spec
-from saex.protocols import Component
+from saex.conformance import nonconformities
+from saex.protocols import (
+    Component,
+    Compressor,
+    Corpus,
+    Executor,
+    Metric,
+    ModelSource,
+    SAEArchitecture,
+    SAEPruner,
+)
 
 ENTRY_POINT_GROUP = "saex"
 BUILTIN_PACKAGE = "saex.plugins"
 
-Kind = Literal["model", "corpus", "compression", "sae", "pruner", "metric"]
+Kind = Literal["model", "corpus", "compression", "sae", "pruner", "metric", "executor"]
 KIND_HOOKS: dict[Kind, str] = {
     "model": "register_models",
     "corpus": "register_corpora",
@@ -33,11 +43,22 @@ KIND_HOOKS: dict[Kind, str] = {
     "sae": "register_sae_architectures",
     "pruner": "register_sae_pruners",
     "metric": "register_metrics",
+    "executor": "register_executors",
+}
+KIND_PROTOCOLS: dict[Kind, type] = {
+    "model": ModelSource,
+    "corpus": Corpus,
+    "compression": Compressor,
+    "sae": SAEArchitecture,
+    "pruner": SAEPruner,
+    "metric": Metric,
+    "executor": Executor,
 }
 
 
 class PluginError(RuntimeError):
-    """A plugin could not be loaded, or two plugins registered the same component name."""
+    """A plugin could not be loaded, registered a component that does not satisfy its kind's Protocol, or
+    registered a component name another plugin registered too."""
 
 
 @dataclass
@@ -137,12 +158,23 @@ def _collect(plugins: Plugins, kind: Kind, impl: pluggy.HookImpl) -> None:
     table = plugins.components[kind]
 
     def register(component: Component) -> None:
-        for attr in ("name", "description", "Params"):
-            if not hasattr(component, attr):
-                raise PluginError(f"plugin {name!r} registered a {kind} without a {attr!r} attribute")
+        protocol = KIND_PROTOCOLS[kind]
+        wrong = nonconformities(component, protocol)
+        if wrong:
+            raise PluginError(
+                f"plugin {name!r} registered {kind} {_label(component)}, which does not satisfy "
+                f"{protocol.__name__}: {'; '.join(wrong)}"
+            )
         if component.name in table:
             other = table[component.name].plugin
             raise PluginError(f"{kind} {component.name!r} is registered by both plugin {other!r} and {name!r}")
         table[component.name] = Registered(kind, component, name, plugins.sources.get(name, "explicit"))
 
     impl.function(register=register)
+
+
+def _label(component: object) -> str:
+    """``'topk' (TopKSAE)``: the component's name where it has one, and its class."""
+    cls = component if isinstance(component, type) else type(component)
+    name = getattr(component, "name", None)
+    return f"{name!r} ({cls.__name__})" if isinstance(name, str) else cls.__name__

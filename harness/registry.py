@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from saex.hookpoints import parse_hook
 from saex.manager import Kind, Plugins
+from saex.pretrained import LoadedRef, ReleaseEntry, check_hooks, resolve_loaded
 from saex.protocols import Component
 from saex.registry_file import RegistryError, read_registry_file
 from saex.sources import parse_source
@@ -32,6 +33,7 @@ SECTIONS: dict[str, Kind] = {
     "saes": "sae",
     "pruners": "pruner",
     "metrics": "metric",
+    "executors": "executor",
 }
 C = TypeVar("C", bound=Component)
 DEVICE_PATTERN = r"^(auto|cpu|mps|cuda(:\d+)?)$"
@@ -130,9 +132,19 @@ class Registry(BaseModel):
     saes: dict[str, SAEEntry] = Field(default_factory=dict)
     pruners: dict[str, ComponentEntry] = Field(default_factory=dict)
     metrics: dict[str, ComponentEntry] = Field(default_factory=dict)
+    executors: dict[str, ComponentEntry] = Field(default_factory=dict)
     matrices: dict[str, MatrixEntry] = Field(default_factory=dict)
+    releases: dict[str, ReleaseEntry] = Field(default_factory=dict)
     origins: dict[str, str] = Field(default_factory=dict)
     _resolved: dict[tuple[str, str], Resolved] = PrivateAttr(default_factory=dict)
+    _files: list[Path] = PrivateAttr(default_factory=list)  # as given to load_registry (no plugin files)
+    _loaded: dict[str, LoadedRef] = PrivateAttr(default_factory=dict)  # loaded: sources, resolved
+
+    @property
+    def files(self) -> list[Path]:
+        """The files this registry was read from (plugins' files are added again by ``load_registry``), so
+        another process can rebuild the same registry."""
+        return list(self._files)
 
     def matrix(self, name: str) -> MatrixEntry:
         if name not in self.matrices:
@@ -143,6 +155,17 @@ class Registry(BaseModel):
     def component(self, section: str, name: str) -> Resolved:
         """Entry ``section.name`` resolved by ``load_registry`` (plugin component + validated params)."""
         return self._resolved[(section, name)]
+
+    def loaded_sae(self, matrix: str, source: str) -> LoadedRef | None:
+        """The files a cell of ``source`` in ``matrix`` uses: its own for ``loaded:``; for ``retrained`` and
+        ``pruned:``, the matrix's ``loaded:`` source, which takes the place of ``original`` (``saex.artifacts``);
+        None when the SAE comes from training."""
+        if source.startswith("loaded:"):
+            return self._loaded[source]
+        if source == "original":
+            return None
+        loaded = [s for s in self.matrix(matrix).sources if s.startswith("loaded:")]
+        return self._loaded[loaded[0]] if loaded else None
 
     def matrix_components(self, name: str, section: str) -> list[Resolved]:
         """The resolved entries a matrix names in ``section`` (``models``, ``compressions``, ``saes``,
@@ -159,7 +182,7 @@ def _format_loc(prefix: str, loc: tuple[Any, ...]) -> str:
 
 def _merge_file(merged: dict[str, dict[str, Any]], origins: dict[str, str], file: Path) -> None:
     data = read_registry_file(file)
-    allowed = list(SECTIONS) + ["matrices"]
+    allowed = list(SECTIONS) + ["matrices", "releases"]
     for section, entries in data.items():
         if section not in allowed:
             raise RegistryError(file, section, "unknown section", section, allowed)
@@ -174,7 +197,7 @@ def _merge_file(merged: dict[str, dict[str, Any]], origins: dict[str, str], file
 
 
 def _validate_entries(merged: dict[str, dict[str, Any]], origins: dict[str, str]) -> Registry:
-    models = {"saes": SAEEntry, "matrices": MatrixEntry, "compressions": CompressionEntry}
+    models = {"saes": SAEEntry, "matrices": MatrixEntry, "compressions": CompressionEntry, "releases": ReleaseEntry}
     validated: dict[str, dict[str, BaseModel]] = {}
     for section, entries in merged.items():
         model = models.get(section, ComponentEntry)
@@ -226,12 +249,18 @@ def _check_matrices(reg: Registry) -> None:
             for i, ref in enumerate(getattr(matrix, field)):
                 if ref not in known:
                     raise RegistryError(file, f"matrices.{name}.{field}[{i}]", f"not defined in {section}", ref, known)
+        loaded = [(i, text) for i, text in enumerate(matrix.sources) if parse_source(text).kind == "loaded"]
+        derived = [text for text in matrix.sources if parse_source(text).kind in ("retrained", "pruned")]
+        if len(loaded) > 1 and derived:
+            message = f"{derived[0]} derives from the matrix's loaded: SAE, and it has {len(loaded)}: one per matrix"
+            raise RegistryError(file, f"matrices.{name}.sources", message, [text for _, text in loaded])
+        for i, text in loaded:
+            where = f"matrices.{name}.sources[{i}]"
+            ref = reg._loaded.get(text) or resolve_loaded(text, reg.releases, reg.origins, file, where)
+            check_hooks(ref, matrix.hooks, file, name, i)
+            reg._loaded[text] = ref
         for i, text in enumerate(matrix.sources):
             source = parse_source(text)
-            if source.kind == "loaded" and not (Path(source.path).expanduser() / "cfg.json").is_file():
-                raise RegistryError(
-                    file, f"matrices.{name}.sources[{i}]", "no saved SAE (cfg.json) at that path", source.path
-                )
             if source.kind == "pruned" and source.pruner not in reg.pruners:
                 raise RegistryError(
                     file,
@@ -253,6 +282,7 @@ def load_registry(files: list[Path], plugins: Plugins) -> Registry:
     for file in [*files, *plugins.registry_files()]:
         _merge_file(merged, origins, Path(file))
     reg = _validate_entries(merged, origins)
+    reg._files = [Path(f) for f in files]
     _resolve_components(reg, plugins)
     _check_matrices(reg)
     return reg

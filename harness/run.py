@@ -10,8 +10,10 @@ go on. Every SAE scored on a given model reads the same eval activations and the
 from __future__ import annotations
 
 import platform
+import time
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 import transformers
@@ -20,12 +22,12 @@ import saex
 from saex.artifacts import Artifacts, ModelState, Setting
 from saex.cache import Cache
 from saex.corpus import TokenBlocks, token_blocks
-from saex.hookpoints import HookPoint, check_hook, parse_hook
+from saex.hookpoints import HookPoint, capture, check_hook, parse_hook
 from saex.manager import Plugins
 from saex.matrix import BASE, Cell, expand
 from saex.models import resolve_device
-from saex.protocols import Corpus, LoadedModel, Metric, MetricContext, ModelSource, SpliceContext
-from saex.registry import MatrixEntry, Registry, RegistryError, Resolved
+from saex.protocols import Corpus, Executor, LoadedModel, Metric, MetricContext, ModelSource, SpliceContext
+from saex.registry import ComponentEntry, MatrixEntry, Registry, RegistryError, Resolved
 from saex.sae import SAE, mean_activation
 from saex.scoring import sae_metrics, splice_metrics
 from saex.sources import parse_source
@@ -55,19 +57,44 @@ class Runner:
     ):
         self.plugins, self.registry, self.store, self.cache = plugins, registry, store, cache
         self.device_override, self.progress, self.log = device, progress, log
+        self.poll_seconds = 2.0  # while waiting for cells another process computes
+        self._elsewhere: list[Cell] = []  # cells skipped because another process owns them
 
-    def run(self, name: str) -> list[CellResult]:
+    def run(self, name: str, executor: str = "local") -> list[CellResult]:
+        """Compute the matrix's unfinished cells with ``executor`` (an ``executors`` registry entry or an
+        executor plugin's name) and return every cell's row."""
         matrix = self.registry.matrix(name)
+        chosen = self._executor(name, executor)
         cells = expand(name, matrix)
         pending = [c for c in cells if self.store.status(c.key(self.registry)) != "done"]
         done = len(cells) - len(pending)
-        self.log(f"matrix {name}: {len(cells)} cells, {done} already done, {len(pending)} to run")
+        self.log(f"matrix {name}: {len(cells)} cells, {done} already done, {len(pending)} to run ({executor})")
         device = self._device(name, matrix)
-        for model in self.registry.matrix_components(name, "models"):
-            todo = [c for c in pending if c.model == model.name]
-            if todo:
-                self._run_model(name, matrix, model, todo, device)
+        while pending:
+            self._elsewhere = []
+            chosen.component.execute(Job(self, name, pending, device), chosen.params)
+            pending = self._wait_for_others(self._elsewhere)
         return [r for c in cells if (r := self.store.get(c.key(self.registry))) is not None]
+
+    def _executor(self, name: str, executor: str) -> Resolved[Executor]:
+        if executor in self.registry.executors:
+            return self.registry.component("executors", executor)
+        if executor in self.plugins.names("executor"):
+            component = self.plugins.get("executor", executor)
+            entry = ComponentEntry(plugin=executor)
+            return Resolved("executors", executor, component, component.Params(), entry)
+        choices = sorted({*self.registry.executors, *self.plugins.names("executor")})
+        raise RegistryError("--executor", "--executor", "no executor of that name", executor, choices)
+
+    def _wait_for_others(self, cells: list[Cell]) -> list[Cell]:
+        """Wait while other processes compute ``cells``; returns those whose claim expired (their process
+        died), for this process to compute."""
+        waiting = [c for c in cells if self.store.status(c.key(self.registry)) == "running"]
+        if waiting:
+            self.log(f"waiting for {len(waiting)} cells another process is computing")
+        while waiting := [c for c in waiting if self.store.waiting_on_others(c.key(self.registry))]:
+            time.sleep(self.poll_seconds)
+        return [c for c in cells if self.store.status(c.key(self.registry)) == "running"]
 
     def _bad_input(self, name: str, path: str, message: str) -> RegistryError:
         """A problem with the matrix found only at run time, reported like any registry error (exit 2)."""
@@ -82,17 +109,18 @@ class Runner:
 
     # --- per model ----------------------------------------------------------------------------------------
 
-    def _run_model(
-        self, name: str, matrix: MatrixEntry, model: Resolved[ModelSource], cells: list[Cell], device: torch.device
-    ) -> None:
-        """Everything only the loaded model can tell (its config, depth, layout, the corpus under its tokenizer)
-        is checked before anything is computed, and reported like a registry error."""
+    def open_model(self, name: str, model: str, device: torch.device) -> Session:
+        """Load one model of matrix ``name`` and check everything only the loaded model can tell (its config,
+        depth, layout, the corpus under its tokenizer) before anything is computed, reported like a registry
+        error."""
+        matrix = self.registry.matrix(name)
+        resolved: Resolved[ModelSource] = self.registry.component("models", model)
         try:
-            loaded = model.component.load(model.params, device)
+            loaded = resolved.component.load(resolved.params, device)
         except Exception as exc:  # e.g. a config the model class rejects (heads not dividing d): nothing ran yet
             raise RegistryError(
-                self.registry.origins.get(f"models.{model.name}", "registry"),
-                f"models.{model.name}.params",
+                self.registry.origins.get(f"models.{model}", "registry"),
+                f"models.{model}.params",
                 f"cannot build the model: {type(exc).__name__}: {exc}",
             ) from None
         if matrix.dtype == "bfloat16":
@@ -102,7 +130,8 @@ class Runner:
             try:
                 check_hook(loaded.model, hook)
             except ValueError as exc:  # only now is the model's depth and layout known: still bad input
-                raise self._bad_input(name, f"matrices.{name}.hooks[{index}]", f"model {model.name!r}: {exc}") from None
+                raise self._bad_input(name, f"matrices.{name}.hooks[{index}]", f"model {model!r}: {exc}") from None
+        self._check_loaded_widths(name, model, loaded.model, hooks, device)
         try:
             blocks = self._blocks(matrix, loaded)
         except ValueError as exc:  # the corpus is too small for the token budgets
@@ -110,19 +139,37 @@ class Runner:
         setting = Setting(matrix, loaded, blocks, hooks, device)
         architectures = {n: self.plugins.get("sae", n) for n in self.plugins.names("sae")}
         artifacts = Artifacts(self.cache, setting, architectures, progress=self.progress, log=self.log)
-        metrics = self.registry.matrix_components(name, "metrics")
-        groups: list[tuple[ModelState, list[Cell]]] = [(artifacts.base, [c for c in cells if c.scored_on == BASE])]
-        for compression in self.registry.matrix_components(name, "compressions"):
-            todo = [c for c in cells if c.compression == compression.name]
-            if todo:
-                groups.append((artifacts.compressed(compression), todo))
-        for target, todo in groups:
-            for hook in hooks:
-                group = [c for c in todo if c.hook == str(hook)]
-                if group:
-                    self._score_group(group, artifacts, target, hook, metrics)
-            if target is not artifacts.base:
-                target.release()
+        return Session(name, artifacts, self.registry.matrix_components(name, "metrics"))
+
+    def prepare(self, session: Session, cells: list[Cell]) -> None:
+        """Compute (or find cached) every artifact ``cells`` need, without scoring: the compressed model, its
+        activations, the cells' SAEs and the scored model's loss (the executors' artifact-graph steps)."""
+        for cell in cells:
+            target, hook = session.target(cell, self.registry), parse_hook(cell.hook)
+            self._cell_sae(cell, session.artifacts, target, hook, CellResult("", "", {}, "running"))
+            session.artifacts.activations(target, "eval", hook)
+            session.artifacts.model_loss(target)
+
+    def score(self, session: Session, cells: list[Cell]) -> None:
+        """Score ``cells``, all of one (scored model, hook), and write their rows."""
+        target, hook = session.target(cells[0], self.registry), parse_hook(cells[0].hook)
+        self._score_group(cells, session.artifacts, target, hook, session.metrics)
+
+    def _check_loaded_widths(
+        self, name: str, model: str, module: torch.nn.Module, hooks: list[HookPoint], device: torch.device
+    ) -> None:
+        """A loaded SAE reads activations as wide as the model's at its hook, known only now (a one-token pass)."""
+        sources = self.registry.matrix(name).sources
+        refs = [(i, self.registry.loaded_sae(name, s)) for i, s in enumerate(sources) if s.startswith("loaded:")]
+        if not refs:
+            return
+        widths = capture(module, torch.zeros((1, 1), dtype=torch.long, device=device), hooks)
+        for i, ref in refs:
+            assert ref is not None
+            for hook, x in widths.items():
+                if x.shape[-1] != ref.file.d_in:
+                    message = f"{ref.source} reads {ref.file.d_in}-wide activations; model {model!r} has {x.shape[-1]}"
+                    raise self._bad_input(name, f"matrices.{name}.sources[{i}]", f"{message} at {hook}")
 
     def _blocks(self, matrix: MatrixEntry, loaded: LoadedModel) -> TokenBlocks:
         corpus: Resolved[Corpus] = self.registry.component("corpora", matrix.corpus)
@@ -151,7 +198,10 @@ class Runner:
         running: dict[Cell, CellResult] = {}
         for cell in cells:
             key, config = cell.key(self.registry), cell.config(self.registry)
-            self.store.start(key, cell.matrix, config["cell"], config)
+            if not self.store.claim(key, cell.matrix, config["cell"], config):
+                self.log(f"cell {cell.label}: done or computed by another process, skipped")
+                self._elsewhere.append(cell)
+                continue
             self._notify("cell_started", cell=cell)
             running[cell] = CellResult(key, cell.matrix, config["cell"], "running", versions=versions(), config=config)
         saes: dict[Cell, SAE] = {}
@@ -228,8 +278,9 @@ class Runner:
     ) -> SAE:
         source = parse_source(cell.source)
         pruner = self.registry.component("pruners", source.pruner) if source.kind == "pruned" else None
-        artifact = artifacts.sae(source, self.registry.component("saes", cell.sae), target, hook, pruner)
-        result.cost, result.details = artifact.cost, artifact.details
+        loaded = self.registry.loaded_sae(cell.matrix, cell.source)
+        artifact = artifacts.sae(source, self.registry.component("saes", cell.sae), target, hook, pruner, loaded)
+        result.cost, result.details = artifact.cost, dict(artifact.details)
         return artifact.sae
 
     def _sae_metrics(
@@ -244,7 +295,8 @@ class Runner:
         base = artifacts.base
         reference_sae = None
         if parse_source(cell.source).kind in ("retrained", "pruned"):
-            reference_sae = artifacts.trained(self.registry.component("saes", cell.sae), base, hook).sae
+            loaded = self.registry.loaded_sae(cell.matrix, cell.source)
+            reference_sae = artifacts.original(self.registry.component("saes", cell.sae), hook, loaded).sae
         ctx = MetricContext(
             sae,
             artifacts.activations(target, "eval", hook),
@@ -260,3 +312,59 @@ def _fail(result: CellResult, exc: Exception, log: Callable[[str], None], contex
     result.error = f"{context}{type(exc).__name__}: {exc}"
     result.details["traceback"] = traceback.format_exc(limit=8)
     log(f"  failed: {result.error}")
+
+
+@dataclass
+class Session:
+    """One loaded and checked model of a matrix with its artifacts; M_c states are built lazily, once."""
+
+    matrix: str
+    artifacts: Artifacts
+    metrics: list[Resolved[Metric]]
+    _targets: dict[str, ModelState] = field(default_factory=dict)
+
+    def target(self, cell: Cell, registry: Registry) -> ModelState:
+        """The model ``cell`` is scored on: M, or M_c of its compression."""
+        if cell.scored_on == BASE or cell.compression is None:
+            return self.artifacts.base
+        if cell.compression not in self._targets:
+            self._targets[cell.compression] = self.artifacts.compressed(
+                registry.component("compressions", cell.compression)
+            )
+        return self._targets[cell.compression]
+
+    def release(self, compression: str) -> None:
+        """Drop M_c's weights once its cells are scored (what was computed from it stays)."""
+        if compression in self._targets:
+            self._targets[compression].release()
+
+
+@dataclass
+class Job:
+    """What an executor computes: the pending cells of one matrix, and the runner whose steps compute them.
+
+    ``groups()`` orders the cells as the artifact graph runs: per model, M's cells, then each compression's;
+    within each, one group per hook (the unit ``Runner.score`` scores together)."""
+
+    runner: Runner
+    matrix: str
+    cells: list[Cell]
+    device: torch.device
+
+    def models(self) -> list[str]:
+        return [m for m in self.runner.registry.matrix(self.matrix).models if any(c.model == m for c in self.cells)]
+
+    def groups(self, model: str) -> list[tuple[str | None, list[Cell]]]:
+        """(compression or None for M, cells of one hook) in computation order, for one model."""
+        matrix = self.runner.registry.matrix(self.matrix)
+        mine = [c for c in self.cells if c.model == model]
+        out: list[tuple[str | None, list[Cell]]] = []
+        for compression in [None, *matrix.compressions]:
+            scored = [
+                c for c in mine if (c.scored_on == BASE) == (compression is None) and c.compression == compression
+            ]
+            for hook in matrix.hooks:
+                group = [c for c in scored if c.hook == hook]
+                if group:
+                    out.append((compression, group))
+        return out

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from saex.protocols import (
         Compressor,
         Corpus,
+        Executor,
         Metric,
         ModelSource,
         SAEArchitecture,
@@ -53,12 +54,19 @@ def register_compressors(register: Callable[["Compressor"], None]) -> None:
 
 @hookspec
 def register_sae_architectures(register: Callable[["SAEArchitecture"], None]) -> None:
-    """Contribute SAE architectures (build, loss, save/load format). Called once at load."""
+    """Contribute SAE architectures, each registered as its ``saex.SAE`` subclass (``register(TopKSAE)``), whose
+    ``name`` is the ``architecture`` its saved files name. Called once at load."""
 
 
 @hookspec
 def register_sae_pruners(register: Callable[["SAEPruner"], None]) -> None:
     """Contribute SAE pruning strategies (used by the ``pruned:<strategy>@<s>`` SAE source)."""
+
+
+@hookspec
+def register_executors(register: Callable[["Executor"], None]) -> None:
+    """Contribute executors: how a matrix's pending cells are computed (``local`` in this process, ``ray`` on a
+    cluster); chosen with ``saex run --executor``. Called once at load."""
 
 
 @hookspec

@@ -5,12 +5,18 @@ its previous error kept in ``attempts``. Every column is valid JSON: a metric th
 stored as null, with the reason in ``details["absent_metrics"]`` (bare NaN is not JSON, and SQLite's JSON
 functions reject it). ``ResultsStore.existing`` opens a store for reading only and refuses anything that is
 not one (``saex report`` must never turn a stray file into a database).
+
+Several processes may share a store: a process claims a cell before computing it (``claim``), recording itself
+as the row's owner. A cell another live process owns is left to it; a claim expires when its owner is gone
+(a process of this host that no longer runs, or an owner on another host silent for ``FOREIGN_CLAIM_SECONDS``).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import socket
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -34,9 +40,11 @@ CREATE TABLE IF NOT EXISTS cells (
     error TEXT,
     attempts INTEGER NOT NULL DEFAULT 0,
     started_at REAL,
-    finished_at REAL
+    finished_at REAL,
+    owner TEXT
 );
 """
+FOREIGN_CLAIM_SECONDS = 6 * 3600
 
 
 class StoreError(ValueError):
@@ -65,9 +73,12 @@ class ResultsStore:
         self.path = Path(path)
         if db is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            db = sqlite3.connect(self.path)
+            db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
             db.executescript(SCHEMA)
+            if "owner" not in {row[1] for row in db.execute("PRAGMA table_info(cells)")}:
+                db.execute("ALTER TABLE cells ADD COLUMN owner TEXT")  # stores written before claims existed
         self.db = db
+        self.owner = f"{socket.gethostname()}:{os.getpid()}"
 
     @classmethod
     def existing(cls, path: Path) -> ResultsStore:
@@ -94,16 +105,36 @@ class ResultsStore:
         row = self.db.execute("SELECT status FROM cells WHERE key = ?", (key,)).fetchone()
         return row[0] if row else None
 
-    def start(self, key: str, matrix: str, cell: dict, config: dict) -> None:
-        if self.status(key) == "done":
-            raise RuntimeError(f"cell {key} is already done; results are never overwritten")
-        with self.db:
+    def claim(self, key: str, matrix: str, cell: dict, config: dict) -> bool:
+        """Mark the cell running and owned by this process; False when it is done or another live process owns
+        it (then that process computes it). Atomic across processes (an immediate transaction)."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            row = self.db.execute("SELECT status, owner, started_at FROM cells WHERE key = ?", (key,)).fetchone()
+            if row is not None and (row[0] == "done" or (row[0] == "running" and self._held_elsewhere(*row[1:]))):
+                self.db.execute("COMMIT")
+                return False
             self.db.execute(
-                "INSERT INTO cells (key, matrix, cell, config, status, started_at, attempts) "
-                "VALUES (?, ?, ?, ?, 'running', ?, 1) ON CONFLICT(key) DO UPDATE SET "
-                "status='running', started_at=excluded.started_at, attempts=attempts+1",
-                (key, matrix, json.dumps(cell), json.dumps(config, default=str), time.time()),
+                "INSERT INTO cells (key, matrix, cell, config, status, started_at, attempts, owner) "
+                "VALUES (?, ?, ?, ?, 'running', ?, 1, ?) ON CONFLICT(key) DO UPDATE SET "
+                "status='running', started_at=excluded.started_at, attempts=attempts+1, owner=excluded.owner",
+                (key, matrix, json.dumps(cell), json.dumps(config, default=str), time.time(), self.owner),
             )
+            self.db.execute("COMMIT")
+            return True
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+
+    def waiting_on_others(self, key: str) -> bool:
+        """True while another live process owns the running cell ``key``."""
+        row = self.db.execute("SELECT status, owner, started_at FROM cells WHERE key = ?", (key,)).fetchone()
+        return row is not None and row[0] == "running" and self._held_elsewhere(*row[1:])
+
+    def _held_elsewhere(self, owner: str | None, started_at: float | None) -> bool:
+        """A running row's claim by another process that is still alive (this process's own earlier claims,
+        e.g. of a run it abandoned after an error, are stale)."""
+        return owner != self.owner and not _claim_expired(owner, started_at)
 
     def finish(self, result: CellResult) -> None:
         metrics, absent = _finite(result.metrics)
@@ -112,7 +143,7 @@ class ResultsStore:
         with self.db:
             self.db.execute(
                 "UPDATE cells SET status=?, metrics=?, cost=?, details=?, versions=?, error=?, finished_at=? "
-                "WHERE key=? AND status='running'",
+                "WHERE key=? AND status='running' AND owner=?",
                 (
                     result.status,
                     json.dumps(metrics, allow_nan=False),
@@ -122,6 +153,7 @@ class ResultsStore:
                     result.error,
                     time.time(),
                     result.key,
+                    self.owner,
                 ),
             )
 
@@ -162,3 +194,19 @@ def _finite(values: dict[str, float | None]) -> tuple[dict[str, float | None], d
         else:
             kept[key] = value
     return kept, absent
+
+
+def _claim_expired(owner: str | None, started_at: float | None) -> bool:
+    """Whether a running row's owner is gone: a dead process of this host, or a silent one elsewhere."""
+    if not owner:
+        return True  # a row from before claims, or an interrupted run of an older version
+    host, _, pid = owner.rpartition(":")
+    if host == socket.gethostname() and pid.isdigit():
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+    return time.time() - (started_at or 0) > FOREIGN_CLAIM_SECONDS

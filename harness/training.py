@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -16,6 +17,8 @@ from typing import Literal
 
 import torch
 from pydantic import BaseModel, Field
+from safetensors import safe_open
+from safetensors.torch import save_file
 from tqdm import tqdm
 
 from saex.protocols import ActivationSource
@@ -55,7 +58,7 @@ class CheckpointMismatch(ValueError):
     """A checkpoint directory holds a run of another SAE, config or data: names the file and what differs."""
 
 
-CHECKPOINT_FILE = "checkpoint.pt"
+CHECKPOINT_FILE = "checkpoint.safetensors"
 
 
 def lr_factor(progress: float, cfg: TrainingConfig) -> float:
@@ -87,8 +90,9 @@ def train_sae(
     every ``checkpoint_every`` tokens (default: about 10 times per run); a later call with the same directory,
     a freshly built SAE of the same architecture and params, the same config and the same source resumes from
     it and ends bit-identical (on CPU) to an uninterrupted run. After the last step the SAE's
-    ``after_training`` fits what inference needs (BatchTopK's threshold). The checkpoint is deleted when training
-    finishes. Raises ``TrainingDiverged`` on a NaN/Inf loss and ``CheckpointMismatch`` when the directory
+    ``after_training`` fits what inference needs (BatchTopK's threshold). The checkpoint stays when training
+    finishes: the caller deletes it once the SAE it produced is safely stored (a kill in between then loses
+    nothing). Raises ``TrainingDiverged`` on a NaN/Inf loss and ``CheckpointMismatch`` when the directory
     holds another run."""
     torch.manual_seed(cfg.seed)
     start = time.perf_counter()
@@ -111,9 +115,7 @@ def train_sae(
         torch.set_rng_state(state["rng"])
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bfloat16")
     next_checkpoint = (seen // every + 1) * every
-    with tqdm(
-        total=cfg.tokens, initial=seen, unit="tok", desc=f"train {sae.architecture}", disable=not progress
-    ) as bar:
+    with tqdm(total=cfg.tokens, initial=seen, unit="tok", desc=f"train {sae.name}", disable=not progress) as bar:
         for x in _batches(source, cfg, skip=seen):
             for group in optimizer.param_groups:
                 group["lr"] = cfg.lr * lr_factor((seen + x.shape[0] / 2) / cfg.tokens, cfg)
@@ -127,6 +129,7 @@ def train_sae(
             optimizer.step()
             sae.after_step()
             tracker.add(x, step)
+            _check_converging(tracker, steps, seen, cfg)
             seen, steps = seen + x.shape[0], steps + 1
             bar.update(x.shape[0])
             bar.set_postfix(tracker.postfix(), refresh=False)
@@ -136,8 +139,6 @@ def train_sae(
     sae.eval()
     with torch.no_grad():
         sae.after_training(source, cfg.batch_size)
-    if checkpoint:
-        checkpoint.remove()
     return TrainingResult(earlier_seconds + time.perf_counter() - start, seen, steps, tracker.summary())
 
 
@@ -145,7 +146,7 @@ def _run_identity(sae: SAE, source: ActivationSource, cfg: TrainingConfig) -> st
     """What a checkpoint must match to be resumed: architecture, sizes, params, config, data size."""
     return json.dumps(
         {
-            "architecture": sae.architecture,
+            "architecture": sae.name,
             "d_in": sae.d_in,
             "d_sae": sae.d_sae,
             "params": sae.params.model_dump(mode="json"),
@@ -157,7 +158,9 @@ def _run_identity(sae: SAE, source: ActivationSource, cfg: TrainingConfig) -> st
 
 
 class _Checkpoint:
-    """One file in ``directory``, replaced atomically, so an interruption leaves the previous checkpoint."""
+    """One safetensors file in ``directory``, replaced atomically, so an interruption leaves the previous
+    checkpoint. Tensors are stored as tensors and everything else as JSON in the file's metadata: nothing read
+    back can execute code. An unreadable file is moved aside (named in a warning) and training starts afresh."""
 
     def __init__(self, directory: Path, identity: str):
         self.path, self.identity = directory / CHECKPOINT_FILE, identity
@@ -165,7 +168,16 @@ class _Checkpoint:
     def load(self) -> dict | None:
         if not self.path.is_file():
             return None
-        state = torch.load(self.path, map_location="cpu", weights_only=False)
+        try:
+            with safe_open(str(self.path), framework="pt") as f:
+                skeleton = json.loads(f.metadata()["state"])
+                tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (safe_open has no iter)
+            state = _unflatten(skeleton, tensors)
+        except Exception as exc:  # any damage: the checkpoint is only a shortcut, never a reason to fail
+            aside = self.path.with_name(f"{self.path.name}.unreadable-{time.time_ns()}")
+            os.replace(self.path, aside)
+            print(f"saex: checkpoint {self.path} unreadable ({type(exc).__name__}); moved to {aside}", file=sys.stderr)
+            return None
         if state.get("identity") != self.identity:
             raise CheckpointMismatch(
                 f"{self.path}: checkpoint of another run; it has {state.get('identity')}, this run is "
@@ -187,12 +199,38 @@ class _Checkpoint:
             "seconds": seconds,
             "rng": torch.get_rng_state(),
         }
+        tensors: dict[str, torch.Tensor] = {}
+        skeleton = _flatten(state, tensors)
         tmp = self.path.with_suffix(".tmp")
-        torch.save(state, tmp)
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"state": json.dumps(skeleton)})
         os.replace(tmp, self.path)
 
-    def remove(self) -> None:
-        self.path.unlink(missing_ok=True)
+
+def _flatten(value: object, tensors: dict[str, torch.Tensor]) -> object:
+    """JSON skeleton of nested dicts/lists/scalars with each tensor moved into ``tensors`` (referenced by
+    name). Dicts become key/value pair lists, so integer keys (optimizer state) stay integers."""
+    if isinstance(value, torch.Tensor):
+        name = f"t{len(tensors)}"
+        tensors[name] = value.detach().cpu()
+        return {"tensor": name}
+    if isinstance(value, dict):
+        return {"dict": [[k, _flatten(v, tensors)] for k, v in value.items()]}
+    if isinstance(value, (list, tuple)):
+        return {"list": [_flatten(v, tensors) for v in value], "tuple": isinstance(value, tuple)}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return {"value": value}
+    raise TypeError(f"cannot checkpoint a {type(value).__name__}")
+
+
+def _unflatten(node: dict, tensors: dict[str, torch.Tensor]) -> object:
+    if "tensor" in node:
+        return tensors[node["tensor"]]
+    if "dict" in node:
+        return {k: _unflatten(v, tensors) for k, v in node["dict"]}
+    if "list" in node:
+        items = [_unflatten(v, tensors) for v in node["list"]]
+        return tuple(items) if node["tuple"] else items
+    return node["value"]
 
 
 def _batches(source: ActivationSource, cfg: TrainingConfig, skip: int = 0) -> Iterator[torch.Tensor]:
@@ -221,6 +259,22 @@ def _check_finite(step: TrainStep, index: int, seen: int, cfg: TrainingConfig) -
         raise TrainingDiverged(
             f"SAE training diverged: loss is {value} at step {index} (after {seen} tokens); "
             f"try a lower lr than {cfg.lr:g}, or check the activations for NaN/Inf"
+        )
+
+
+DIVERGED_EV = -100.0  # a reconstruction error 100x the data's variance, over a full smoothing window
+
+
+def _check_converging(tracker: _Tracker, index: int, seen: int, cfg: TrainingConfig) -> None:
+    """A finite loss can still be runaway (lr far too high): explained variance far below 0 over a whole
+    smoothing window stops training like a NaN does, instead of storing an SAE that explains nothing."""
+    if len(tracker.history) < SMOOTHING_STEPS:
+        return
+    ev = tracker.explained_variance()
+    if ev < DIVERGED_EV:
+        raise TrainingDiverged(
+            f"SAE training diverged: explained variance {ev:.3g} over the last {SMOOTHING_STEPS} steps at step "
+            f"{index} (after {seen} tokens); try a lower lr than {cfg.lr:g}"
         )
 
 
@@ -255,6 +309,12 @@ class _Tracker:
         self.last_fired.copy_(state["last_fired"])
         self.step = state["step"]
 
+    def explained_variance(self) -> float:
+        """Batch-wise explained variance pooled over the smoothing window."""
+        residual = sum(h["residual"] for h in self.history)
+        variance = sum(h["variance"] for h in self.history)
+        return 1 - residual / variance if variance > 0 else math.nan
+
     def summary(self) -> dict[str, float]:
         sums = {key: sum(h[key] for h in self.history) for key in self.history[0]}
         # dead = did not fire during the last pass over the data (or the whole run, if shorter)
@@ -262,7 +322,7 @@ class _Tracker:
         return {
             "loss": sums["loss"] / len(self.history),
             "l0": sums["l0"] / len(self.history),
-            "explained_variance": 1 - sums["residual"] / sums["variance"] if sums["variance"] > 0 else math.nan,
+            "explained_variance": self.explained_variance(),
             "dead_frac": dead.double().mean().item(),
         }
 

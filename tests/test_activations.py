@@ -192,7 +192,19 @@ def test_small_shards_read_back_the_same_rows(tmp_path: Path, tiny_llama: Loaded
     assert len(one.shards) == 1
     assert len(many.shards) >= 3
     assert many.n_tokens == one.n_tokens
-    assert sorted(p.name for p in many.path.iterdir()) == sorted([*many.shards, "manifest.json"])
+    assert sorted(p.name for p in many.path.iterdir()) == sorted([*(s.name for s in many.shards), "manifest.json"])
     assert torch.equal(read_all(many), read_all(one))
     shuffled = torch.cat(list(many.iter_batches(37, shuffle=True, seed=5)))
     assert torch.equal(shuffled[shuffled[:, 0].argsort()], read_all(one)[read_all(one)[:, 0].argsort()])
+
+
+def test_nan_activations_are_refused_and_never_cached(tmp_path: Path, tiny_llama: LoadedModel, blocks: torch.Tensor):
+    import copy
+
+    broken = copy.deepcopy(tiny_llama)
+    with torch.no_grad():
+        broken.model.model.layers[0].mlp.down_proj.weight[0, 0] = float("nan")
+    cache = Cache(tmp_path)
+    with pytest.raises(saex.activations.NonFiniteActivations, match=r"NaN/Inf activations at \d+ of \d+ tokens"):
+        collect(cache, broken, blocks)
+    assert [p for p in (tmp_path / "activations").iterdir() if not p.name.startswith(".tmp-")] == []

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from saex.cache import MANIFEST, Cache, cache_key
+from saex.cache import MANIFEST, Cache, CacheError, cache_key
 from saex.models import file_digest
 
 PARTS: dict[str, Any] = {
@@ -167,3 +167,68 @@ def test_two_corruptions_of_one_key_in_the_same_second(tmp_path: Path, capsys: p
         flip_byte(path / "a.bin")
         assert cache.get("things", "k1") is None
     assert len([p for p in (tmp_path / "things").iterdir() if p.name.startswith("k1.corrupt-")]) == 2
+
+
+def _edit_manifest(path: Path, edit) -> None:
+    manifest = json.loads((path / MANIFEST).read_text())
+    edit(manifest)
+    (path / MANIFEST).write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize(
+    "edit,problem",
+    [
+        (lambda m: m["meta"].update(n_tokens=999), "manifest.json does not match its digest"),
+        (lambda m: m.update(files={}), "manifest.json does not match its digest"),
+        (lambda m: m.pop("digest"), "unreadable manifest.json"),
+    ],
+)
+def test_an_edited_manifest_is_caught_and_recomputed(tmp_path, capsys, edit, problem):
+    """The manifest's ``meta`` (model loss, costs) and its file list are covered by its digest."""
+    cache = Cache(tmp_path)
+    path = cache.put("things", "k1", write_two_files)
+    _edit_manifest(path, edit)
+    assert cache.get("things", "k1") is None
+    assert problem in capsys.readouterr().err
+    cache.put("things", "k1", write_two_files)
+    assert cache.meta("things", "k1")["n_tokens"] == 1024
+
+
+def test_a_directory_without_manifest_or_with_an_unlisted_file_is_moved_aside(tmp_path, capsys):
+    cache = Cache(tmp_path)
+    path = cache.put("things", "k1", write_two_files)
+    (path / "planted.bin").write_bytes(b"x")
+    assert cache.get("things", "k1") is None and "files not in the manifest: planted.bin" in capsys.readouterr().err
+    path = cache.put("things", "k1", write_two_files)
+    (path / MANIFEST).unlink()
+    assert cache.get("things", "k1") is None and "no manifest.json" in capsys.readouterr().err
+    assert cache.put("things", "k1", write_two_files) == path and cache.get("things", "k1") == path
+
+
+@pytest.mark.parametrize("name", ["../k2/a.bin", "/etc/hostname", "..", "c.bin"])
+def test_names_from_a_manifest_never_leave_the_directory(tmp_path, name):
+    cache = Cache(tmp_path)
+    cache.put("things", "k1", write_two_files)
+    cache.put("things", "k2", write_two_files)
+    assert cache.file("things", "k1", "a.bin") == tmp_path / "things" / "k1" / "a.bin"
+    with pytest.raises(CacheError, match="is not a file of this artifact"):
+        cache.file("things", "k1", name)
+
+
+def test_temporary_directories_of_dead_processes_are_removed(tmp_path):
+    import socket
+
+    dead = _a_dead_pid()
+    stale = tmp_path / "activations" / f".tmp-{socket.gethostname()}-{dead}-collect.abc"
+    stale.mkdir(parents=True)
+    mine = Cache(tmp_path).temporary(tmp_path / "activations", "collect")
+    Cache(tmp_path)  # a second cache opened on this host: the stale one goes, the live process's stays
+    assert not stale.exists() and mine.exists()
+
+
+def _a_dead_pid() -> int:
+    import subprocess
+
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid

@@ -116,10 +116,11 @@ def test_sae_and_pruned_sae_cache_keys_follow_resolved_params(tmp_path, field, v
     path.write_text(yaml.safe_dump(data))
     changed = load_registry([path], plugins)
     acts = _Acts("abc")
-    key_base = trained_sae_key(acts, base.component("saes", "s"), seed=0)
-    key_changed = trained_sae_key(acts, changed.component("saes", "s"), seed=0)
+    key_base = trained_sae_key(acts, base.component("saes", "s"), seed=0, layer_norm=False)
+    key_changed = trained_sae_key(acts, changed.component("saes", "s"), seed=0, layer_norm=False)
     assert key_base != key_changed
-    assert trained_sae_key(acts, base.component("saes", "s"), seed=1) != key_base
+    assert trained_sae_key(acts, base.component("saes", "s"), seed=1, layer_norm=False) != key_base
+    assert trained_sae_key(acts, base.component("saes", "s"), seed=0, layer_norm=True) != key_base
     pruner = base.component("pruners", "lat")
     assert pruned_sae_key(key_base, pruner, 0.5, acts) != pruned_sae_key(key_base, pruner, 0.25, acts)
     assert isinstance(pruner.params, BaseModel) and not isinstance(pruner.params, NoParams)

@@ -56,6 +56,7 @@ class Picky:
     description = "test: fails for SAEs labelled bad/*"
     scope = "splice"
     Params = NoParams
+    outputs = ()
 
     def compute_spliced(self, ctx, params):
         if any(label.startswith("bad/") for label in ctx.saes):
@@ -68,6 +69,7 @@ class NaNMetric:
     description = "test: a metric whose value is not a number"
     scope = "sae"
     Params = NoParams
+    outputs = ()
 
     def compute(self, ctx, params):
         return {"always_nan": float("nan"), "always_inf": float("inf")}

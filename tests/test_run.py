@@ -127,8 +127,8 @@ def test_rerun_skips_finished_cells_and_overwrites_nothing(tmp_path, registry_fi
     assert recorder.started == []
     assert db.execute("SELECT key, metrics, finished_at FROM cells ORDER BY key").fetchall() == before
     assert [r.metrics for r in second] == [r.metrics for r in first]
-    with pytest.raises(RuntimeError, match="never overwritten"):
-        ResultsStore(tmp_path / "results.sqlite").start(before[0][0], "t", {}, {})
+    assert not ResultsStore(tmp_path / "results.sqlite").claim(before[0][0], "t", {}, {})  # never overwritten
+    assert db.execute("SELECT key, metrics, finished_at FROM cells ORDER BY key").fetchall() == before
 
 
 def test_failed_compression_fails_its_cells_and_is_retried(tmp_path, registry_file):
@@ -363,11 +363,11 @@ def test_pruned_sources_are_calibrated_on_the_compressed_model(tmp_path, registr
 
 
 def test_loaded_sae_in_saelens_format_is_scored_on_m_and_m_c(tmp_path, registry_file):
-    from saex.plugins.sae.topk import TopK
+    from saex.plugins.sae.topk import TopKSAE
     from saex.saelens import save_saelens
 
     saved = tmp_path / "external-sae"
-    save_saelens(TopK().build(64, TopK.Params(d_sae=96, k=6, normalize_input=False), seed=3), saved)
+    save_saelens(TopKSAE.build(64, TopKSAE.Params(d_sae=96, k=6, normalize_input=False), seed=3), saved)
     data = yaml.safe_load(registry_file.read_text())
     data["matrices"]["t"].update(compressions=["mag"], hooks=["layers.1.resid_post"], sources=[f"loaded:{saved}"])
     registry_file.write_text(yaml.safe_dump(data))
@@ -385,7 +385,7 @@ def test_loaded_source_must_exist(tmp_path, registry_file):
     data = yaml.safe_load(registry_file.read_text())
     data["matrices"]["t"]["sources"] = ["original", f"loaded:{tmp_path / 'nowhere'}"]
     registry_file.write_text(yaml.safe_dump(data))
-    with pytest.raises(RegistryError, match=r"matrices.t.sources\[1\]: no saved SAE"):
+    with pytest.raises(RegistryError, match=r"matrices.t.sources\[1\]: cannot read the SAE: .*nowhere: no such file"):
         load_registry([registry_file], load_plugins(entry_points=False))
 
 

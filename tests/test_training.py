@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
 
 from saex.activations import TensorActivations
-from saex.plugins.sae.topk import TopK, TopKSAE
+from saex.plugins.sae.topk import TopKSAE
 from saex.training import CheckpointMismatch, TrainingConfig, TrainingDiverged, lr_factor, train_sae
 
 CPU = torch.device("cpu")
 
 
 def build(**params: object) -> TopKSAE:
-    arch = TopK()
+    arch = TopKSAE
     return arch.build(16, arch.Params(**({"d_sae": 64, "k": 4} | params)), seed=0)
 
 
@@ -142,7 +143,7 @@ def test_resumed_training_ends_with_the_same_weights_as_an_uninterrupted_run(tmp
             checkpoint_dir=tmp_path,
             checkpoint_every=500,
         )
-    assert (tmp_path / "checkpoint.pt").is_file()
+    assert (tmp_path / "checkpoint.safetensors").is_file()
     resumed = build()
     result = train_sae(
         resumed,
@@ -156,7 +157,7 @@ def test_resumed_training_ends_with_the_same_weights_as_an_uninterrupted_run(tmp
     assert_same_state(reference, resumed)
     assert (result.tokens, result.steps) == (expected.tokens, expected.steps)
     assert result.final == expected.final
-    assert not (tmp_path / "checkpoint.pt").exists()  # removed once training finished
+    assert (tmp_path / "checkpoint.safetensors").exists()  # kept until the caller has stored the SAE
 
 
 def test_checkpoint_of_another_run_is_refused(tmp_path):
@@ -170,7 +171,7 @@ def test_checkpoint_of_another_run_is_refused(tmp_path):
             checkpoint_dir=tmp_path,
             checkpoint_every=256,
         )
-    with pytest.raises(CheckpointMismatch, match=r"checkpoint\.pt: checkpoint of another run"):
+    with pytest.raises(CheckpointMismatch, match=r"checkpoint\.safetensors: checkpoint of another run"):
         train_sae(
             build(),
             TensorActivations(data()),
@@ -179,6 +180,27 @@ def test_checkpoint_of_another_run_is_refused(tmp_path):
             progress=False,
             checkpoint_dir=tmp_path,
         )
+
+
+def test_a_damaged_or_planted_checkpoint_is_never_executed_and_training_starts_afresh(tmp_path, capsys):
+    """Checkpoints are safetensors + JSON: a pickle planted under the old name is ignored, a garbage file under
+    the current name is moved aside (named), and the run equals an uninterrupted one."""
+    import pickle
+
+    class Payload:
+        def __reduce__(self):
+            return (Path.touch, (tmp_path / "payload-ran",))
+
+    (tmp_path / "checkpoint.pt").write_bytes(pickle.dumps(Payload()))
+    (tmp_path / "checkpoint.safetensors").write_bytes(pickle.dumps(Payload()))
+    cfg = TrainingConfig(tokens=1000, batch_size=128, seed=1)
+    reference, planted = build(), build()
+    train_sae(reference, TensorActivations(data()), cfg, device=CPU, progress=False)
+    train_sae(planted, TensorActivations(data()), cfg, device=CPU, progress=False, checkpoint_dir=tmp_path)
+    assert not (tmp_path / "payload-ran").exists()
+    assert_same_state(reference, planted)
+    assert "checkpoint.safetensors unreadable" in capsys.readouterr().err
+    assert any(p.name.startswith("checkpoint.safetensors.unreadable-") for p in tmp_path.iterdir())
 
 
 def test_bf16_autocast_keeps_metrics_within_one_percent_of_fp32():
@@ -201,3 +223,16 @@ def planted_mix(n: int = 4000) -> torch.Tensor:
     dictionary = torch.nn.functional.normalize(torch.randn(32, 16, generator=g), dim=-1)
     which = torch.rand(n, 32, generator=g).argsort(-1)[:, :3]
     return torch.zeros(n, 32).scatter_(-1, which, torch.rand(n, 3, generator=g) + 0.5) @ dictionary
+
+
+def test_a_runaway_learning_rate_stops_training_with_a_clear_error():
+    """lr 1e6 keeps the loss finite but makes the reconstruction useless (explained variance ~ -1e11): stopped
+    like a NaN, never stored."""
+    with pytest.raises(TrainingDiverged, match=r"explained variance -\S+ over the last 20 steps"):
+        train_sae(
+            build(),
+            TensorActivations(data()),
+            TrainingConfig(tokens=8000, batch_size=64, lr=1e6),
+            device=CPU,
+            progress=False,
+        )

@@ -1,0 +1,1 @@
+"""Built-in executors: how a matrix's pending cells are computed (``local``, ``ray``)."""
