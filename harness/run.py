@@ -31,6 +31,7 @@ from saex.registry import ComponentEntry, MatrixEntry, Registry, RegistryError, 
 from saex.sae import SAE, mean_activation
 from saex.scoring import sae_metrics, splice_metrics
 from saex.sources import parse_source
+from saex.spine_outputs import declared_outputs
 from saex.store import CellResult, ResultsStore
 
 
@@ -59,6 +60,7 @@ class Runner:
         self.device_override, self.progress, self.log = device, progress, log
         self.poll_seconds = 2.0  # while waiting for cells another process computes
         self._elsewhere: list[Cell] = []  # cells skipped because another process owns them
+        self._headline: list[str] | None = None  # declared headline metrics, for the per-cell summary line
 
     def run(self, name: str, executor: str = "local") -> list[CellResult]:
         """Compute the matrix's unfinished cells with ``executor`` (an ``executors`` registry entry or an
@@ -195,6 +197,7 @@ class Runner:
     ) -> None:
         """Score every cell of one (scored model, hook): per-SAE metrics, then the splice metrics of all their
         SAEs together (one prefix pass, one suffix pass per variant)."""
+        started = time.perf_counter()
         running: dict[Cell, CellResult] = {}
         for cell in cells:
             key, config = cell.key(self.registry), cell.config(self.registry)
@@ -223,6 +226,7 @@ class Runner:
         for cell, result in running.items():
             if result.status == "running":
                 result.status = "done"
+            self.log(self._summary(cell, result, time.perf_counter() - started))
             if target.details:
                 result.details["compression"] = target.details
             self.store.finish(result)
@@ -265,6 +269,15 @@ class Runner:
                     _fail(running[cell], single, self.log, f"splice metrics of SAE {label}: ")
         for label, values in found.items():
             running[by_label[label]].metrics.update(values)
+
+    def _summary(self, cell: Cell, result: CellResult, seconds: float) -> str:
+        """One line per finished cell: its status, the group's seconds so far, and its headline metrics."""
+        if result.status != "done":
+            return f"cell {cell.label}: {result.status}: {result.error}"
+        if self._headline is None:
+            self._headline = [n for n, o in declared_outputs(self.plugins).items() if o.headline]
+        shown = [f"{n} {v:.4g}" for n in self._headline if isinstance(v := result.metrics.get(n), float)]
+        return f"cell {cell.label}: done ({seconds:.1f} s into its group) " + ", ".join(shown)
 
     def _notify(self, hook_name: str, **kwargs: object) -> None:
         """Call a lifecycle hook; a plugin that raises is logged and never stops the run or loses a result."""

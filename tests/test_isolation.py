@@ -125,6 +125,9 @@ def test_a_raising_lifecycle_hook_is_logged_and_loses_nothing(results):
     assert sum("plugin hook cell_finished raised RuntimeError" in line for line in logs) == 4
     with sqlite3.connect(store) as db:
         assert db.execute("select count(*) from cells where status = 'running'").fetchone()[0] == 0
+    summaries = [line for line in logs if line.startswith("cell tiny layers.1.resid_post good/original on M: done (")]
+    assert len(summaries) == 1 and "explained_variance " in summaries[0]  # one summary line per cell
+    assert any("bad/original on M_c[mag]: failed: splice metrics of SAE bad/original" in line for line in logs)
 
 
 def test_non_finite_metrics_are_null_with_a_reason_and_the_row_is_valid_json(results):
