@@ -44,6 +44,13 @@ def special_mask(input_ids: torch.Tensor, tokenizer) -> torch.Tensor:
     return torch.isin(input_ids, special)
 
 
+def row_blocks(blocks: torch.Tensor, tokenizer) -> torch.Tensor:
+    """The block (row of ``blocks``) of each non-special token, in the order activation sources store them
+    (block by block, special tokens dropped): int64 [n_tokens], what block-bootstrap intervals resample."""
+    kept = (~special_mask(blocks, tokenizer)).sum(dim=1).cpu()
+    return torch.repeat_interleave(torch.arange(len(blocks)), kept)
+
+
 @dataclass
 class TokenBlocks:
     key: str  # cache key: identifies the corpus, tokenizer, block size and budgets

@@ -1,9 +1,10 @@
 """A matrix expands into cells: one per (model, hook, SAE arch, SAE source, scored-on model).
 
 ``original`` and ``loaded:*`` are scored on the base model once per (model, hook, arch), independent of the
-compression, and on every compressed model; ``retrained`` and ``pruned:*`` are scored on the compressed model
-they were trained or calibrated on. In a matrix with a ``loaded:`` source, ``retrained`` and ``pruned:*`` derive
-from the loaded SAE (``Registry.loaded_sae``), whose files are then part of their cells' identity.
+compression, and on every compressed model; ``retrained``, ``finetuned:*`` and ``pruned:*`` are scored on the
+compressed model they were trained, fine-tuned or calibrated on. In a matrix with a ``loaded:`` source, those
+derive from the loaded SAE (``Registry.loaded_sae``), whose files are then part of their cells' identity. A
+source's ``@seed=<n>`` is part of its text, so seeded cells have keys of their own.
 """
 
 from __future__ import annotations

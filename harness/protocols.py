@@ -87,7 +87,14 @@ class MetricContext:
 
     ``reference_activations`` are the base model's eval activations at the same hook, row-aligned with
     ``eval_activations`` (same tokens), when the SAE is scored on a compressed model; ``reference_sae`` is the
-    ``original`` SAE when the scored SAE is another one (retrained, pruned, loaded).
+    ``original`` SAE when the scored SAE is another one (retrained, finetuned, pruned, ``original@seed=<n>``).
+    ``eval_blocks`` [n_tokens] int64 is the eval block (row of the eval token blocks) each eval activation row
+    comes from, in the order ``iter_batches`` yields them (``saex.corpus.row_blocks``): what bootstrap intervals
+    resample; None when the rows come from no packed blocks (then metrics report no intervals).
+
+    Two outputs besides the returned values: tensors [d_sae] a metric adds to ``per_latent`` are stored with the
+    cell (safetensors in the cache, its key in the row's ``details["per_latent"]``, ``saex.per_latent``), and
+    small JSON-able summaries it adds to ``details`` go into the row's ``details``.
     """
 
     sae: "SAE"
@@ -96,6 +103,9 @@ class MetricContext:
     batch_size: int = 4096
     reference_activations: ActivationSource | None = None
     reference_sae: "SAE | None" = None
+    eval_blocks: torch.Tensor | None = None
+    per_latent: dict[str, torch.Tensor] = field(default_factory=dict)
+    details: dict[str, object] = field(default_factory=dict)
 
 
 @dataclass
@@ -103,7 +113,8 @@ class SpliceContext:
     """Everything a splice metric reads: one scored model and hook, its eval token blocks, and every SAE
     scored there (label -> SAE), so the layers before the hook run once for all of them. ``mean_activation``
     [d] is the scored model's mean activation at the hook over its eval tokens (special tokens excluded; at
-    most 100k of them, ``saex.sae.mean_activation``), for a mean-ablation baseline."""
+    most 100k of them, ``saex.sae.mean_activation``), for a mean-ablation baseline. ``reference_saes``: label ->
+    the ``original`` SAE that label's paired differences are taken against (one of ``saes`` or not)."""
 
     model: torch.nn.Module
     hook: "HookPoint"
@@ -112,6 +123,7 @@ class SpliceContext:
     device: torch.device
     saes: dict[str, "SAE"]
     mean_activation: torch.Tensor | None = None
+    reference_saes: dict[str, "SAE"] = field(default_factory=dict)
 
 
 # --- plugin kinds ----------------------------------------------------------------------------------------
@@ -183,7 +195,14 @@ class MetricOutput(BaseModel):
     sparsity. Columns sort by ``order``, then declaration order. ``note`` is a caveat printed as a footnote
     wherever the column appears; ``label`` a short column header (``name`` when absent). ``plotted_against``
     names other keys (of any metric) this output is drawn against, one point per cell, coloured by the scored
-    model and marked by SAE source (e.g. a task's accuracy against the splice's kl_div_score).
+    model and marked by SAE source (e.g. a task's accuracy against the splice's kl_div_score). ``interval``
+    names the keys (low, high) of its confidence interval: the report prints ``value ± half-width`` and no
+    columns of their own. ``difference_of`` marks a paired difference of that key between the SAE and its
+    original on the same tokens: the report marks it where its interval contains 0. ``noise_floor`` (an
+    SAE-to-SAE comparison with ``original``): the report prints it beside the same value of the
+    ``original@seed=<n>`` SAEs, the seed-to-seed noise floor. ``match_factor`` marks the SAEs' sparsity (L0):
+    the report warns when SAEs it compares differ in it by more than this factor, and draws the
+    ``cost_quality`` outputs against it (the axis of a sparsity sweep).
     """
 
     model_config = {"frozen": True, "extra": "forbid"}
@@ -202,6 +221,10 @@ class MetricOutput(BaseModel):
     plotted_against: tuple[str, ...] = ()
     order: int = 100
     note: str | None = None
+    interval: tuple[str, str] | None = None
+    difference_of: str | None = None
+    noise_floor: bool = False
+    match_factor: float | None = Field(None, gt=1)
 
     @model_validator(mode="after")
     def _range_is_ordered(self) -> MetricOutput:

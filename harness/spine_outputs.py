@@ -36,8 +36,8 @@ MODEL_LOSS = (
 COST = (
     MetricOutput(
         name="sae_seconds",
-        description="seconds to obtain the SAE: training (original, retrained), loading (loaded:*), or "
-        "calibration + pruning (pruned:*)",
+        description="seconds to obtain the SAE: training (original, retrained), fine-tuning (finetuned:*), "
+        "loading (loaded:*), or calibration + pruning (pruned:*)",
         aggregation=ONE_RUN,
         unit="s",
         higher_is_better=False,
@@ -45,7 +45,7 @@ COST = (
     ),
     MetricOutput(
         name="sae_tokens",
-        description="activation tokens the SAE was trained or calibrated on",
+        description="activation tokens the SAE was trained, fine-tuned or calibrated on",
         aggregation="count",
         higher_is_better=False,
         range=(0, None),
@@ -67,9 +67,16 @@ COST = (
     ),
     MetricOutput(
         name="original_sae_seconds",
-        description="pruned:* only: training seconds of the original SAE it was pruned from",
+        description="pruned:* and finetuned:* only: training seconds of the original SAE they start from",
         aggregation=ONE_RUN,
         unit="s",
+        higher_is_better=False,
+        range=(0, None),
+    ),
+    MetricOutput(
+        name="original_sae_tokens",
+        description="finetuned:* only: training tokens of the original SAE it starts from",
+        aggregation="count",
         higher_is_better=False,
         range=(0, None),
     ),

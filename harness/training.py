@@ -81,12 +81,15 @@ def train_sae(
     progress: bool = True,
     checkpoint_dir: str | Path | None = None,
     checkpoint_every: int | None = None,
+    from_scratch: bool = True,
 ) -> TrainingResult:
     """Train ``sae`` in place on ``device`` (it stays there) for ``cfg.tokens`` tokens of ``source``.
 
     A fresh run first does the SAE's data-dependent initialisation (``init_from_data``: input normalisation,
-    b_dec), which counts towards ``seconds``. With ``checkpoint_dir``, the full training state (weights and
-    buffers, Adam, position in the data, smoothed statistics, elapsed seconds) is written there atomically
+    b_dec), which counts towards ``seconds``; ``from_scratch=False`` skips it, to fine-tune a trained SAE with
+    its normalisation and b_dec as they are (a fresh Adam and the same schedule either way). With
+    ``checkpoint_dir``, the full training state (weights and buffers, Adam, position in the data, smoothed
+    statistics, elapsed seconds) is written there atomically
     every ``checkpoint_every`` tokens (default: about 10 times per run); a later call with the same directory,
     a freshly built SAE of the same architecture and params, the same config and the same source resumes from
     it and ends bit-identical (on CPU) to an uninterrupted run. After the last step the SAE's
@@ -99,9 +102,9 @@ def train_sae(
     checkpoint = _Checkpoint(Path(checkpoint_dir), _run_identity(sae, source, cfg)) if checkpoint_dir else None
     every = checkpoint_every or max(cfg.tokens // 10, 1)
     state = checkpoint.load() if checkpoint else None
-    if state is None:
+    if state is None and from_scratch:
         sae.init_from_data(source)
-    else:
+    elif state is not None:
         sae.load_state_dict(state["sae"], strict=True)
     sae.to(device).train()
     optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=cfg.adam_betas)

@@ -12,6 +12,7 @@ from saex.activations import TensorActivations
 from saex.hookpoints import HookPoint
 from saex.manager import PluginError, load_plugins
 from saex.plugins.metrics.downstream import CEKL
+from saex.plugins.metrics.lm_eval import LmEval
 from saex.plugins.metrics.reconstruction import Reconstruction
 from saex.plugins.metrics.transfer import Transfer
 from saex.plugins.sae.topk import TopKSAE
@@ -28,7 +29,8 @@ def topk(d_in: int, seed: int) -> TopKSAE:
 
 
 def sae_context(d_in: int = 8) -> MetricContext:
-    """An SAE scored on 'M_c' against 'M' and against another SAE: every per-SAE output has a value."""
+    """An SAE scored on 'M_c' against 'M' and against another SAE, on rows from 8 eval blocks: every per-SAE
+    output has a value."""
     x = torch.randn(64, d_in, generator=torch.Generator().manual_seed(0))
     return MetricContext(
         topk(d_in, 0),
@@ -37,6 +39,7 @@ def sae_context(d_in: int = 8) -> MetricContext:
         batch_size=16,
         reference_activations=TensorActivations(x),
         reference_sae=topk(d_in, 1),
+        eval_blocks=torch.arange(64) // 8,
     )
 
 
@@ -52,7 +55,9 @@ def test_the_splice_metric_returns_exactly_its_declared_keys(tiny_llama):
     ids[:, 0] = tiny_llama.tokenizer.bos_token_id
     saes = {"a": topk(d, 0), "b": topk(d, 1)}
     args = (tiny_llama.model, HookPoint(1, "resid_post"), ids, tiny_llama.tokenizer, torch.device("cpu"), saes)
-    with_mean = CEKL().compute_spliced(SpliceContext(*args, mean_activation=torch.zeros(d)), CEKL.Params())
+    originals = {"a": topk(d, 2), "b": saes["a"]}  # an original scored here too, and one that is not
+    ctx = SpliceContext(*args, mean_activation=torch.zeros(d), reference_saes=originals)
+    with_mean = CEKL().compute_spliced(ctx, CEKL.Params())
     assert {label: set(found) for label, found in with_mean.items()} == {
         "a": names(CEKL.outputs),
         "b": names(CEKL.outputs),
@@ -70,7 +75,7 @@ def test_the_spine_declares_the_pruned_sae_sparsity_it_records_and_the_keys_of_i
 
 def test_declared_outputs_joins_every_loaded_metric_with_the_model_loss():
     outputs = declared_outputs(load_plugins(entry_points=False))
-    expected = [*Reconstruction.outputs, *Transfer.outputs, *CEKL.outputs, *MODEL_LOSS]
+    expected = [*Reconstruction.outputs, *Transfer.outputs, *CEKL.outputs, *LmEval().outputs, *MODEL_LOSS]
     assert set(outputs) == names(tuple(expected)) and len(outputs) == len(expected)
     assert outputs["ce_loss_score"].higher_is_better is True and outputs["model_ce"].unit == "nats"
 

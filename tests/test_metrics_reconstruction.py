@@ -11,8 +11,15 @@ from torch import nn
 
 import saex.spec
 from saex.activations import TensorActivations
+from saex.bootstrap import point
 from saex.plugins.metrics import reconstruction
-from saex.plugins.metrics.reconstruction import METRIC_KEYS, Reconstruction, ReconstructionStats
+from saex.plugins.metrics.reconstruction import (
+    BOOTSTRAPPED,
+    METRIC_KEYS,
+    TYPICAL_KEYS,
+    Reconstruction,
+    ReconstructionStats,
+)
 from saex.protocols import MetricContext
 from saex.spec import PROJECT
 
@@ -211,7 +218,7 @@ def test_plugin_scores_identity_sae_perfectly():
     x = torch.tensor([[1.0, 2.0, 0.0], [3.0, 0.0, 1.0], [2.0, 4.0, -1.0], [0.5, -2.0, 3.0], [1.0, 1.0, 1.0]])
     plugin = Reconstruction()
     result = plugin.compute(context(identity_sae(3), x), plugin.Params())
-    assert set(result) == set(METRIC_KEYS)
+    assert set(result) == {*METRIC_KEYS, *TYPICAL_KEYS}  # no eval blocks, no original: no intervals, no differences
     assert all(isinstance(v, float) for v in result.values())
     assert result["mse"] == 0.0
     assert result["explained_variance"] == 1.0
@@ -270,3 +277,120 @@ def test_module_registers_the_metric_through_pluggy():
     pm.hook.register_metrics(register=registered.append)
     assert [m.name for m in registered] == ["reconstruction"]
     assert registered[0].description
+
+
+# --- typical tokens (norm below massive_norm_multiple x the median) --------------------------------------------
+
+
+def planted_massive_tokens() -> torch.Tensor:
+    """8 typical tokens of norm 1 around the mean (0, 0), then 2 planted massive ones of norm 100."""
+    typical = [[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0], [0.0, -1.0]] * 2
+    return torch.tensor([*typical, [100.0, 0.0], [0.0, 100.0]])
+
+
+def test_typical_tokens_leave_out_planted_massive_ones():
+    # x_hat = x @ [[0.5, 0.5], [0, 1]]: (±1, 0) -> ±(0.5, 0.5), error 0.5 each; (0, ±1) exact
+    #   (100, 0) -> (50, 50), error 5000; (0, 100) exact
+    # norms: eight 1s, two 100s -> median 1, threshold 10 x 1 = 10: massive share 2/10
+    # typical: SSE = 4 x 0.5 = 2, sum ||x - (0, 0)||^2 = 8 -> ev 0.75, mse 2/8; cos (4/sqrt 2 + 4)/8
+    # massive: mean (50, 50), sum ||x - mu||^2 = 2 x 5000 -> ev 1 - 5000/10000 = 0.5
+    # all: mean (10, 10), sum ||x - mu||^2 = 20008 - 10 x 200 = 18008, SSE 5002 -> ev 1 - 5002/18008
+    sae = LinearSAE(torch.eye(2), torch.tensor([[0.5, 0.5], [0.0, 1.0]]))
+    plugin = Reconstruction()
+    result = plugin.compute(context(sae, planted_massive_tokens(), batch_size=3), plugin.Params())
+    assert result["massive_norm_threshold"] == pytest.approx(10.0, abs=1e-12)
+    assert result["massive_share"] == pytest.approx(0.2, abs=1e-15)
+    assert result["explained_variance_typical"] == pytest.approx(0.75, abs=1e-12)
+    assert result["mse_typical"] == pytest.approx(0.25, abs=1e-12)
+    assert result["cos_typical"] == pytest.approx((1 + 1 / math.sqrt(2)) / 2, abs=1e-7)
+    assert result["explained_variance_massive"] == pytest.approx(0.5, abs=1e-12)
+    assert result["explained_variance"] == pytest.approx(1 - 5002 / 18008, abs=1e-12)
+
+
+def test_without_massive_tokens_typical_equals_all_and_massive_ev_is_nan():
+    sae = LinearSAE(torch.eye(2), torch.tensor([[0.5, 0.5], [0.0, 1.0]]))
+    plugin = Reconstruction()
+    result = plugin.compute(context(sae, planted_massive_tokens()), plugin.Params(massive_norm_multiple=200))
+    assert result["massive_share"] == 0.0 and math.isnan(result["explained_variance_massive"])
+    for key in ("explained_variance", "mse", "cos"):
+        assert result[f"{key}_typical"] == result[key]
+
+
+# --- bootstrap intervals over eval blocks and paired differences --------------------------------------------
+
+
+def blocked_context(sae: nn.Module, batch_size: int, reference: nn.Module | None = None) -> MetricContext:
+    """97 rows of 8-dimensional activations from 13 eval blocks of unequal length, with an original SAE."""
+    x, _, _ = varied_data(n=97, d=8, seed=4)
+    blocks = torch.repeat_interleave(torch.arange(13), torch.tensor([7, 8, 6, 9, 7, 8, 7, 7, 8, 6, 9, 8, 7]))
+    return MetricContext(
+        sae=sae,
+        eval_activations=TensorActivations(x.float()),
+        device=CPU,
+        batch_size=batch_size,
+        reference_sae=reference,
+        eval_blocks=blocks,
+    )
+
+
+def noisy_sae(seed: int) -> LinearSAE:
+    g = torch.Generator().manual_seed(seed)
+    return LinearSAE(torch.eye(8) + 0.1 * torch.randn(8, 8, generator=g), torch.eye(8))
+
+
+def test_values_and_intervals_do_not_depend_on_the_batch_size():
+    plugin, sae, original = Reconstruction(), noisy_sae(0), noisy_sae(1)
+    params = plugin.Params(resamples=200)
+    small = plugin.compute(blocked_context(sae, 5, original), params)
+    large = plugin.compute(blocked_context(sae, 64, original), params)
+    assert set(small) == set(large) == {output.name for output in plugin.outputs}
+    for key, value in large.items():
+        assert small[key] == pytest.approx(value, rel=1e-6, abs=1e-9, nan_ok=True), key
+
+
+def test_intervals_are_exactly_reproducible_for_a_seed():
+    plugin, sae = Reconstruction(), noisy_sae(0)
+    first = plugin.compute(blocked_context(sae, 16), plugin.Params(resamples=200, seed=7))
+    again = plugin.compute(blocked_context(sae, 16), plugin.Params(resamples=200, seed=7))
+    other = plugin.compute(blocked_context(sae, 16), plugin.Params(resamples=200, seed=8))
+    assert first == again
+    assert first["explained_variance_ci_low"] != other["explained_variance_ci_low"]
+    for key in BOOTSTRAPPED:
+        assert first[f"{key}_ci_low"] <= first[key] <= first[f"{key}_ci_high"], key
+
+
+def test_an_sae_against_itself_differs_by_exactly_zero_with_a_zero_width_interval():
+    plugin, sae = Reconstruction(), noisy_sae(0)
+    result = plugin.compute(blocked_context(sae, 16, reference=sae), plugin.Params())
+    for key in BOOTSTRAPPED:
+        assert result[f"{key}_vs_original"] == 0.0
+        assert result[f"{key}_vs_original_ci_low"] == result[f"{key}_vs_original_ci_high"] == 0.0
+
+
+def test_a_paired_difference_is_the_difference_of_the_two_scores():
+    plugin, sae, original = Reconstruction(), noisy_sae(0), noisy_sae(1)
+    paired = plugin.compute(blocked_context(sae, 16, original), plugin.Params())
+    alone = plugin.compute(blocked_context(original, 16), plugin.Params())
+    for key in BOOTSTRAPPED:
+        assert paired[f"{key}_vs_original"] == pytest.approx(paired[key] - alone[key], abs=1e-12), key
+        assert paired[f"{key}_vs_original_ci_low"] <= paired[f"{key}_vs_original_ci_high"]
+
+
+def test_bootstrap_ev_at_unit_weights_is_the_pooled_ev_even_when_means_dwarf_the_spread():
+    x, x_hat, f = varied_data(seed=3)
+    blocks = torch.arange(97) // 10
+    for shift in (0.0, 1e6):
+        stats = ReconstructionStats(n_blocks=10)
+        for start in range(0, 97, 30):
+            rows = slice(start, start + 30)
+            stats.update(x[rows] + shift, x_hat[rows] + shift, f[rows], blocks[rows])
+        statistics, result = stats.statistics(), stats.result()
+        for key in BOOTSTRAPPED:
+            assert point(statistics[key], 10) == pytest.approx(result[key], rel=1e-9, abs=1e-9), (key, shift)
+
+
+def test_plugin_rejects_a_block_map_of_the_wrong_length():
+    ctx = blocked_context(noisy_sae(0), 16)
+    ctx.eval_blocks = ctx.eval_blocks[:-1]
+    with pytest.raises(ValueError, match="eval_blocks must name the block of each of the 97 eval rows"):
+        Reconstruction().compute(ctx, Reconstruction.Params())

@@ -19,6 +19,10 @@ SOURCES = [
     "pruned:wanda@0.75",
     "pruned:magnitude@0.5",
     "pruned:latents@0.5",
+    "original@seed=1",
+    "finetuned:10000",
+    "finetuned:30000",
+    "finetuned:100000",
 ]
 
 
@@ -73,7 +77,7 @@ def test_paper_small_end_to_end_on_a_tiny_model(tmp_path, paper_tiny, monkeypatc
     )
     results = runner.run("paper-small-tiny")
     compressions = registry.matrix("paper-small-tiny").compressions
-    assert len(results) == 1 + len(compressions) * len(SOURCES)
+    assert len(results) == 2 + len(compressions) * len(SOURCES)  # original and original@seed=1 on M too
     failed = [(r.cell, r.error) for r in results if r.status != "done"]
     assert not failed
     for compression in compressions:

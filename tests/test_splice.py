@@ -1,6 +1,7 @@
 """Splicing: one prefix pass, one suffix pass per variant, equal to a full forward; CE/KL scores on
 constructed SAEs (perfect -> 1, zero -> 0)."""
 
+import copy
 import math
 
 import pytest
@@ -9,7 +10,7 @@ from torch import nn
 
 from saex.corpus import special_mask
 from saex.hookpoints import HOOK_SITES, HookPoint, spliced
-from saex.plugins.metrics.downstream import CEKL
+from saex.plugins.metrics.downstream import CEKL, DIFFERENCES
 from saex.protocols import SpliceContext
 from saex.splice import prefix, suffix_logits
 
@@ -137,3 +138,44 @@ def test_mean_ablation_baseline_scores_a_mean_sae_zero_and_a_perfect_one_one(tin
     assert found["mean"]["ce_mean_ablated"] == pytest.approx(found["mean"]["ce_sae"], abs=1e-6)
     # without a mean in the context there is no mean-ablation baseline
     assert "ce_loss_score_mean" not in score(tiny_llama, blocks, {"perfect": Identity()})["perfect"]
+
+
+# --- bootstrap intervals over eval blocks and paired differences --------------------------------------------
+
+
+def scored_with_originals(tiny_llama, blocks, batch_blocks: int, seed: int = 0) -> dict[str, dict[str, float]]:
+    """'half' against 'perfect' (scored here too), 'perfect' against a copy of itself (not scored here)."""
+    perfect, half = Identity(), Scaled()
+    ctx = SpliceContext(
+        tiny_llama.model,
+        HOOK,
+        blocks,
+        tiny_llama.tokenizer,
+        torch.device("cpu"),
+        {"perfect": perfect, "half": half},
+        mean_activation=torch.zeros(tiny_llama.model.config.hidden_size),
+        reference_saes={"half": perfect, "perfect": copy.deepcopy(perfect)},
+    )
+    params = CEKL.Params(max_tokens=10_000, batch_blocks=batch_blocks, resamples=300, seed=seed)
+    return CEKL().compute_spliced(ctx, params)
+
+
+def test_splice_values_and_intervals_do_not_depend_on_the_batch_size(tiny_llama, blocks):
+    one, three = (scored_with_originals(tiny_llama, blocks, b) for b in (1, 3))
+    for label in ("perfect", "half"):
+        assert set(one[label]) == set(three[label]) == {output.name for output in CEKL.outputs}
+        for key, value in three[label].items():
+            assert one[label][key] == pytest.approx(value, rel=1e-5, abs=1e-6), (label, key)
+
+
+def test_splice_intervals_are_reproducible_and_a_difference_with_itself_is_exactly_zero(tiny_llama, blocks):
+    first, again = (scored_with_originals(tiny_llama, blocks, 3, seed=5) for _ in range(2))
+    assert first == again
+    perfect, half = first["perfect"], first["half"]
+    for key in DIFFERENCES:
+        assert perfect[f"{key}_vs_original"] == 0.0, key
+        assert perfect[f"{key}_vs_original_ci_low"] == perfect[f"{key}_vs_original_ci_high"] == 0.0, key
+        assert half[f"{key}_vs_original"] == pytest.approx(half[key] - perfect[key], abs=1e-12), key
+    # halving the activation moves the loss on every block: the interval of its KL difference excludes 0
+    assert 0 < half["kl_sae_vs_original_ci_low"] <= half["kl_sae_vs_original"] <= half["kl_sae_vs_original_ci_high"]
+    assert half["ce_sae_ci_low"] <= half["ce_sae"] <= half["ce_sae_ci_high"]
