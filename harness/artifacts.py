@@ -1,26 +1,30 @@
 """The artifacts of one model's part of a matrix run, each computed once: M and its compressed versions (an
 M_c is built only when something not yet cached needs it), activations per (model, split, hook), SAEs
-(trained, pruned, loaded) with their cache key and cost, and the scored model's next-token loss.
+(trained, fine-tuned, pruned, loaded) with their cache key and cost, and the scored model's next-token loss.
 
 Every artifact is memoised in memory and cached on disk under a key that hashes the resolved identity of
 everything that determines it (``Resolved.identity()``: plugin and params with defaults filled in). Nothing
 here knows about cells or the results store (``harness/run.py``).
 
-A loaded SAE (``loaded:``) takes the place of the trained original: ``pruned`` prunes it, and ``retrained`` trains
-the same SAE afresh on M_c (``mirrored``): the loaded SAE's architecture and the params its files fix (width, k,
-...; all of them for a file saex wrote), the params the matrix's ``saes`` entry writes out for the rest when the
-entry is of that architecture (what only shapes training: loss weights, ``normalize_input``, ``b_dec_init``),
-and the entry's ``training``. A loaded SAE with a per-token layer norm is retrained on layer-normed activations,
-as OpenAI trained theirs, and keeps the norm.
+A loaded SAE (``loaded:``) takes the place of the trained original: ``pruned`` prunes it, ``finetuned`` trains it
+further, and ``retrained`` trains the same SAE afresh on M_c (``mirrored``): the loaded SAE's architecture and the
+params its files fix (width, k, ...; all of them for a file saex wrote), the params the matrix's ``saes`` entry
+writes out for the rest when the entry is of that architecture (what only shapes training: loss weights,
+``normalize_input``, ``b_dec_init``), and the entry's ``training``. A loaded SAE with a per-token layer norm is
+retrained (and fine-tuned) on layer-normed activations, as OpenAI trained theirs, and keeps the norm.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import functools
 import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ParamSpec, TypeVar
 
 import torch
 from torch import nn
@@ -40,6 +44,8 @@ from saex.sae_sparsity import sae_sparsity
 from saex.sources import Source
 from saex.training import train_sae
 
+P = ParamSpec("P")
+T = TypeVar("T")
 SAE_VERSION = 2  # 2: saved SAEs carry the ``layer_norm`` buffer
 WIDTH_PARAMS = ("d_sae", "expansion_factor")  # a retrained SAE keeps the loaded one's width
 TRAINING_INIT = ("normalize_input", "b_dec_init")  # readers of foreign files set these only to describe them
@@ -130,6 +136,7 @@ class Artifacts:
         *,
         progress: bool = True,
         log: Callable[[str], None] = print,
+        record: Callable[[str, float], None] = lambda phase, seconds: None,
     ):
         self.cache, self.setting, self.architectures, self.progress, self.log = (
             cache,
@@ -141,6 +148,37 @@ class Artifacts:
         loaded = setting.loaded
         self.base = ModelState({"model": loaded.fingerprint, "dtype": setting.matrix.dtype}, lambda _: loaded.model)
         self._saes: dict[str, SAEArtifact] = {}
+        self.record = record  # (phase, seconds) of each timed phase, for the store
+        self._inner: list[float] = []  # seconds of phases nested in the open ones, so none is counted twice
+
+    def timed_call(self, phase: str) -> Callable[[Callable[P, T]], Callable[P, T]]:
+        """Decorator form of ``timed``: time every call of a function (e.g. a cache ``write`` that runs only
+        when the artifact is missing)."""
+
+        def wrap(fn: Callable[P, T]) -> Callable[P, T]:
+            @functools.wraps(fn)
+            def timed_fn(*args: P.args, **kwargs: P.kwargs) -> T:
+                with self.timed(phase):
+                    return fn(*args, **kwargs)
+
+            return timed_fn
+
+        return wrap
+
+    @contextlib.contextmanager
+    def timed(self, phase: str) -> Iterator[None]:
+        """Record the seconds spent in ``phase``, less those of phases timed inside it (a lazily built M_c
+        inside a collection counts as compressing, not collecting)."""
+        start = time.perf_counter()
+        self._inner.append(0.0)
+        try:
+            yield
+        finally:
+            elapsed = time.perf_counter() - start
+            inner = self._inner.pop()
+            if self._inner:
+                self._inner[-1] += elapsed
+            self.record(phase, elapsed - inner)
 
     # --- models -------------------------------------------------------------------------------------------
 
@@ -169,17 +207,18 @@ class Artifacts:
         self.log(f"compressing with {compression.name} ({compression.entry.plugin})")
         calibration = CompressionContext(s.blocks.calibration, s.loaded.tokenizer, s.device, s.matrix.seed)
         try:
-            compressed = compress_verified(
-                self.cache,
-                self.base.model,
-                self.base.identity,
-                compression.name,
-                compression.component,
-                compression.params,
-                calibration,
-                s.blocks.key,
-                allow_mismatch=compression.entry.allow_mismatch,
-            )
+            with self.timed(f"compress {compression.name}"):
+                compressed = compress_verified(
+                    self.cache,
+                    self.base.model,
+                    self.base.identity,
+                    compression.name,
+                    compression.component,
+                    compression.params,
+                    calibration,
+                    s.blocks.key,
+                    allow_mismatch=compression.entry.allow_mismatch,
+                )
         except Exception as exc:  # every cell of this compression fails with the same message
             state.details = getattr(exc, "details", {"compression": compression.name})
             state.error = f"compression {compression.name!r} failed: {type(exc).__name__}: {exc}"
@@ -195,17 +234,18 @@ class Artifacts:
         if (split, str(hook)) not in state.acts:
             s = self.setting
             parts = {**state.identity, "tokens": s.blocks.key, "split": split}
-            found = collect_activations(
-                self.cache,
-                lambda: state.model,
-                s.loaded.tokenizer,
-                s.blocks.split(split),
-                s.hooks,
-                parts,
-                device=s.device,
-                desc=f"activations {state.label} {split}",
-                progress=self.progress,
-            )
+            with self.timed(f"activations {state.label} {split}"):
+                found = collect_activations(
+                    self.cache,
+                    lambda: state.model,
+                    s.loaded.tokenizer,
+                    s.blocks.split(split),
+                    s.hooks,
+                    parts,
+                    device=s.device,
+                    desc=f"activations {state.label} {split}",
+                    progress=self.progress,
+                )
             for h, acts in found.items():
                 state.acts[(split, str(h))] = acts
         return state.acts[(split, str(hook))]
@@ -215,13 +255,14 @@ class Artifacts:
         if state.lm is None:
             s = self.setting
             key = cache_key({**state.identity, "tokens": s.blocks.key, "what": "next_token_loss"})
-            self.cache.computed(
-                "lm",
-                key,
-                lambda tmp: next_token_loss(
-                    state.model, s.blocks.eval, s.loaded.tokenizer, device=s.device, progress=self.progress
-                ),
-            )
+            with self.timed(f"model loss {state.label}"):
+                self.cache.computed(
+                    "lm",
+                    key,
+                    lambda tmp: next_token_loss(
+                        state.model, s.blocks.eval, s.loaded.tokenizer, device=s.device, progress=self.progress
+                    ),
+                )
             state.lm = self.cache.meta("lm", key)
         return {"model_ce": state.lm["ce"], "model_ppl": state.lm["ppl"]}
 
@@ -237,22 +278,30 @@ class Artifacts:
         loaded: LoadedRef | None = None,
     ) -> SAEArtifact:
         """The SAE of ``source`` for a cell scored on ``target`` (``pruner`` for ``pruned:`` sources; ``loaded``:
-        the files of a ``loaded:`` source, or of the one ``retrained`` and ``pruned`` derive from)."""
+        the files of a ``loaded:`` source, or of the one ``retrained``, ``finetuned`` and ``pruned`` derive
+        from)."""
         if source.kind == "pruned":
             assert pruner is not None and source.sparsity is not None
-            return self.pruned(self.original(sae, hook, loaded), pruner, source.sparsity, target, hook)
+            return self.pruned(self.original(sae, hook, loaded, source.seed), pruner, source.sparsity, target, hook)
+        if source.kind == "finetuned":
+            assert source.tokens is not None
+            return self.finetuned(self.original(sae, hook, loaded, source.seed), sae, source.tokens, target, hook)
         if source.kind == "retrained" and loaded is not None:
             original = self.loaded(loaded).sae
-            trained = self.trained(self.mirrored(sae, original), target, hook, layer_norm=bool(original.layer_norm))
+            mirrored = self.mirrored(sae, original)
+            trained = self.trained(mirrored, target, hook, layer_norm=bool(original.layer_norm), seed=source.seed)
             like = {"architecture": original.name, "d_sae": original.d_sae, "source": loaded.source}
             return SAEArtifact(trained.sae, trained.cost, trained.key, {"retrained_like": like})
         if source.kind == "retrained":
-            return self.trained(sae, target, hook)
-        return self.original(sae, hook, loaded)
+            return self.trained(sae, target, hook, seed=source.seed)
+        return self.original(sae, hook, loaded, source.seed)
 
-    def original(self, sae: Resolved[SAEArchitecture], hook: HookPoint, loaded: LoadedRef | None) -> SAEArtifact:
-        """The SAE that plays ``original``: the loaded one when the matrix has one, else ``sae`` trained on M."""
-        return self.loaded(loaded) if loaded is not None else self.trained(sae, self.base, hook)
+    def original(
+        self, sae: Resolved[SAEArchitecture], hook: HookPoint, loaded: LoadedRef | None, seed: int | None = None
+    ) -> SAEArtifact:
+        """The SAE that plays ``original``: the loaded one when the matrix has one, else ``sae`` trained on M
+        (initialised with ``seed``, by default the matrix's)."""
+        return self.loaded(loaded) if loaded is not None else self.trained(sae, self.base, hook, seed=seed)
 
     def loaded(self, ref: LoadedRef) -> SAEArtifact:
         """The SAE of a ``loaded:`` source, read once per run; nothing is written to the cache."""
@@ -276,18 +325,27 @@ class Artifacts:
         return Resolved("saes", sae.name, component, component.Params.model_validate(params), entry)
 
     def trained(
-        self, sae: Resolved[SAEArchitecture], on: ModelState, hook: HookPoint, *, layer_norm: bool = False
+        self,
+        sae: Resolved[SAEArchitecture],
+        on: ModelState,
+        hook: HookPoint,
+        *,
+        layer_norm: bool = False,
+        seed: int | None = None,
     ) -> SAEArtifact:
-        """An SAE of ``sae`` trained on ``on``'s activations at ``hook`` (``original`` when ``on`` is M); with
-        ``layer_norm``, on the activations layer-normed per token, and it keeps the norm."""
+        """An SAE of ``sae`` trained on ``on``'s activations at ``hook`` (``original`` when ``on`` is M),
+        initialised with ``seed`` (default: the matrix's); with ``layer_norm``, on the activations layer-normed
+        per token, and it keeps the norm."""
         s = self.setting
+        seed = s.matrix.seed if seed is None else seed
         acts = self.activations(on, "train", hook)
-        key = trained_sae_key(acts, sae, s.matrix.seed, layer_norm)
+        key = trained_sae_key(acts, sae, seed, layer_norm)
         if key in self._saes:
             return self._saes[key]
 
+        @self.timed_call(f"train SAE {sae.name} on {on.label}")
         def write(tmp: Path) -> dict:
-            model = sae.component.build(acts.d_in, sae.params, seed=s.matrix.seed)
+            model = sae.component.build(acts.d_in, sae.params, seed=seed)
             result = train_sae(
                 model,
                 LayerNormed(acts) if layer_norm else acts,
@@ -307,6 +365,46 @@ class Artifacts:
         cost = {"sae_seconds": meta["seconds"], "sae_tokens": meta["tokens"], **_activation_cost(acts)}
         return self._remember(SAEArtifact(self._load(key), cost, key))
 
+    def finetuned(
+        self, original: SAEArtifact, sae: Resolved[SAEArchitecture], tokens: int, target: ModelState, hook: HookPoint
+    ) -> SAEArtifact:
+        """``original`` trained further on ``target``'s train-split activations at ``hook`` for ``tokens`` tokens:
+        the ``saes`` entry's training config with only ``tokens`` replaced (so warmup and decay are shares of the
+        fine-tuning budget), a fresh Adam, and the original's input normalisation and b_dec kept (no
+        data-dependent initialisation). ``tokens == 0`` is the original itself, bit for bit, at no cost."""
+        details = {"finetuned": {"tokens": tokens, "from": original.key}}
+        spent = {f"original_{k}": original.cost[k] for k in ("sae_seconds", "sae_tokens")}
+        if tokens == 0:
+            key = cache_key({"sae": original.key, "finetune": 0})
+            return SAEArtifact(original.sae, {"sae_seconds": 0.0, "sae_tokens": 0, **spent}, key, details)
+        acts = self.activations(target, "train", hook)
+        training = sae.entry.training.model_copy(update={"tokens": tokens})
+        key = cache_key({"sae": original.key, "finetune": training.model_dump(mode="json"), "acts": acts.path.name})
+        if key in self._saes:
+            return self._saes[key]
+
+        @self.timed_call(f"fine-tune SAE {sae.name} on {target.label}")
+        def write(tmp: Path) -> dict:
+            model = copy.deepcopy(original.sae)
+            result = train_sae(
+                model,
+                LayerNormed(acts) if bool(model.layer_norm) else acts,
+                training,
+                device=self.setting.device,
+                progress=self.progress,
+                checkpoint_dir=self.cache.root / "checkpoints" / key,
+                from_scratch=False,
+            )
+            save_sae(model, tmp)
+            final = {f"train_{k}": v for k, v in result.final.items()}
+            return {"seconds": result.seconds, "tokens": result.tokens, "steps": result.steps, **final}
+
+        self.cache.computed("saes", key, write)
+        shutil.rmtree(self.cache.root / "checkpoints" / key, ignore_errors=True)  # the SAE is stored now
+        meta = self.cache.meta("saes", key)
+        cost = {"sae_seconds": meta["seconds"], "sae_tokens": meta["tokens"], **spent, **_activation_cost(acts)}
+        return self._remember(SAEArtifact(self._load(key), cost, key, details))
+
     def pruned(
         self,
         original: SAEArtifact,
@@ -321,6 +419,7 @@ class Artifacts:
         if key in self._saes:
             return self._saes[key]
 
+        @self.timed_call(f"prune SAE ({pruner.name}) on {target.label}")
         def write(tmp: Path) -> dict:
             start = time.perf_counter()
             pruned = pruner.component.prune(original.sae, pruner.params, calibration, sparsity)

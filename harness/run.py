@@ -19,13 +19,15 @@ import torch
 import transformers
 
 import saex
-from saex.artifacts import Artifacts, ModelState, Setting
+from saex.artifacts import Artifacts, ModelState, SAEArtifact, Setting
 from saex.cache import Cache
-from saex.corpus import TokenBlocks, token_blocks
+from saex.corpus import TokenBlocks, row_blocks, token_blocks
 from saex.hookpoints import HookPoint, capture, check_hook, parse_hook
 from saex.manager import Plugins
 from saex.matrix import BASE, Cell, expand
 from saex.models import resolve_device
+from saex.per_latent import KIND as PER_LATENT
+from saex.per_latent import store_per_latent
 from saex.protocols import Corpus, Executor, LoadedModel, Metric, MetricContext, ModelSource, SpliceContext
 from saex.registry import ComponentEntry, MatrixEntry, Registry, RegistryError, Resolved
 from saex.sae import SAE, mean_activation
@@ -117,6 +119,7 @@ class Runner:
         error."""
         matrix = self.registry.matrix(name)
         resolved: Resolved[ModelSource] = self.registry.component("models", model)
+        start = time.perf_counter()
         try:
             loaded = resolved.component.load(resolved.params, device)
         except Exception as exc:  # e.g. a config the model class rejects (heads not dividing d): nothing ran yet
@@ -134,13 +137,23 @@ class Runner:
             except ValueError as exc:  # only now is the model's depth and layout known: still bad input
                 raise self._bad_input(name, f"matrices.{name}.hooks[{index}]", f"model {model!r}: {exc}") from None
         self._check_loaded_widths(name, model, loaded.model, hooks, device)
+        self.store.record_phase(name, model, "load model", time.perf_counter() - start)
+        start = time.perf_counter()
         try:
             blocks = self._blocks(matrix, loaded)
         except ValueError as exc:  # the corpus is too small for the token budgets
             raise self._bad_input(name, f"matrices.{name}.tokens", str(exc)) from None
+        self.store.record_phase(name, model, "token blocks", time.perf_counter() - start)
         setting = Setting(matrix, loaded, blocks, hooks, device)
         architectures = {n: self.plugins.get("sae", n) for n in self.plugins.names("sae")}
-        artifacts = Artifacts(self.cache, setting, architectures, progress=self.progress, log=self.log)
+        artifacts = Artifacts(
+            self.cache,
+            setting,
+            architectures,
+            progress=self.progress,
+            log=self.log,
+            record=lambda phase, seconds: self.store.record_phase(name, model, phase, seconds),
+        )
         return Session(name, artifacts, self.registry.matrix_components(name, "metrics"))
 
     def prepare(self, session: Session, cells: list[Cell]) -> None:
@@ -214,15 +227,15 @@ class Runner:
                 if target.error:
                     raise RuntimeError(target.error)
                 sae = self._cell_sae(cell, artifacts, target, hook, result)
-                result.metrics = {
-                    **self._sae_metrics(cell, sae, artifacts, target, hook, metrics),
-                    **artifacts.model_loss(target),
-                }
+                with artifacts.timed(f"per-SAE metrics on {target.label}"):
+                    values = self._sae_metrics(cell, sae, artifacts, target, hook, metrics, result)
+                result.metrics = {**values, **artifacts.model_loss(target)}
                 saes[cell] = sae
             except Exception as exc:
                 _fail(result, exc, self.log)
         if saes:
-            self._splice(saes, running, artifacts, target, hook, metrics)
+            with artifacts.timed(f"splice metrics on {target.label}"):
+                self._splice(saes, running, artifacts, target, hook, metrics)
         for cell, result in running.items():
             if result.status == "running":
                 result.status = "done"
@@ -250,7 +263,17 @@ class Runner:
 
         def score(labels: list[str]) -> dict[str, dict[str, float]]:
             chosen = {label: saes[by_label[label]] for label in labels}
-            ctx = SpliceContext(target.model, hook, s.blocks.eval, s.loaded.tokenizer, s.device, chosen, mean)
+            originals = {label: self._original_sae(by_label[label], artifacts, hook) for label in labels}
+            ctx = SpliceContext(
+                target.model,
+                hook,
+                s.blocks.eval,
+                s.loaded.tokenizer,
+                s.device,
+                chosen,
+                mean,
+                reference_saes={label: sae for label, sae in originals.items() if sae is not None},
+            )
             return splice_metrics(metrics, ctx)
 
         try:
@@ -286,15 +309,26 @@ class Runner:
         except Exception as exc:
             self.log(f"  plugin hook {hook_name} raised {type(exc).__name__}: {exc} (ignored)")
 
-    def _cell_sae(
-        self, cell: Cell, artifacts: Artifacts, target: ModelState, hook: HookPoint, result: CellResult
-    ) -> SAE:
+    def sae_artifact(self, cell: Cell, artifacts: Artifacts, target: ModelState, hook: HookPoint) -> SAEArtifact:
+        """The SAE ``cell`` scores on ``target`` with its cache key, cost and details (from the cache when there)."""
         source = parse_source(cell.source)
         pruner = self.registry.component("pruners", source.pruner) if source.kind == "pruned" else None
         loaded = self.registry.loaded_sae(cell.matrix, cell.source)
-        artifact = artifacts.sae(source, self.registry.component("saes", cell.sae), target, hook, pruner, loaded)
+        return artifacts.sae(source, self.registry.component("saes", cell.sae), target, hook, pruner, loaded)
+
+    def _cell_sae(
+        self, cell: Cell, artifacts: Artifacts, target: ModelState, hook: HookPoint, result: CellResult
+    ) -> SAE:
+        artifact = self.sae_artifact(cell, artifacts, target, hook)
         result.cost, result.details = artifact.cost, dict(artifact.details)
         return artifact.sae
+
+    def _original_sae(self, cell: Cell, artifacts: Artifacts, hook: HookPoint) -> SAE | None:
+        """The SAE ``cell``'s SAE is compared with (its ``original``), or None when it is an original itself."""
+        if parse_source(cell.source).is_original:
+            return None
+        loaded = self.registry.loaded_sae(cell.matrix, cell.source)
+        return artifacts.original(self.registry.component("saes", cell.sae), hook, loaded).sae
 
     def _sae_metrics(
         self,
@@ -304,20 +338,24 @@ class Runner:
         target: ModelState,
         hook: HookPoint,
         metrics: list[Resolved[Metric]],
+        result: CellResult,
     ) -> dict[str, float]:
-        base = artifacts.base
-        reference_sae = None
-        if parse_source(cell.source).kind in ("retrained", "pruned"):
-            loaded = self.registry.loaded_sae(cell.matrix, cell.source)
-            reference_sae = artifacts.original(self.registry.component("saes", cell.sae), hook, loaded).sae
+        """The per-SAE metrics of ``cell``; what they store besides their values (per-latent tensors, details)
+        goes into ``result``'s details."""
+        base, s = artifacts.base, artifacts.setting
         ctx = MetricContext(
             sae,
             artifacts.activations(target, "eval", hook),
-            artifacts.setting.device,
+            s.device,
             reference_activations=artifacts.activations(base, "eval", hook) if target is not base else None,
-            reference_sae=reference_sae,
+            reference_sae=self._original_sae(cell, artifacts, hook),
+            eval_blocks=row_blocks(s.blocks.eval, s.loaded.tokenizer),
         )
-        return sae_metrics(metrics, ctx)
+        values = sae_metrics(metrics, ctx)
+        result.details.update(ctx.details)
+        if ctx.per_latent:
+            result.details[PER_LATENT] = store_per_latent(self.cache, result.key, ctx.per_latent)
+        return values
 
 
 def _fail(result: CellResult, exc: Exception, log: Callable[[str], None], context: str = "") -> None:

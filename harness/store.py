@@ -44,6 +44,15 @@ CREATE TABLE IF NOT EXISTS cells (
     owner TEXT
 );
 """
+PHASES_SCHEMA = """
+CREATE TABLE IF NOT EXISTS phases (
+    matrix TEXT NOT NULL,
+    model TEXT NOT NULL,
+    phase TEXT NOT NULL,
+    seconds REAL NOT NULL,
+    recorded_at REAL NOT NULL
+);
+"""
 FOREIGN_CLAIM_SECONDS = 6 * 3600
 
 
@@ -74,7 +83,7 @@ class ResultsStore:
         if db is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
-            db.executescript(SCHEMA)
+            db.executescript(SCHEMA + PHASES_SCHEMA)
             if "owner" not in {row[1] for row in db.execute("PRAGMA table_info(cells)")}:
                 db.execute("ALTER TABLE cells ADD COLUMN owner TEXT")  # stores written before claims existed
         self.db = db
@@ -156,6 +165,25 @@ class ResultsStore:
                     self.owner,
                 ),
             )
+
+    def record_phase(self, matrix: str, model: str, phase: str, seconds: float) -> None:
+        """Seconds one phase of a run took (loading, compressing, collecting, training, scoring, ...)."""
+        with self.db:
+            self.db.execute(
+                "INSERT INTO phases (matrix, model, phase, seconds, recorded_at) VALUES (?, ?, ?, ?, ?)",
+                (matrix, model, phase, seconds, time.time()),
+            )
+
+    def phase_totals(self, matrix: str) -> list[tuple[str, str, float, int]]:
+        """(model, phase, total seconds, times) of every run of ``matrix``, in first-recorded order; empty for
+        stores written before phases were recorded."""
+        if not self.db.execute("SELECT name FROM sqlite_master WHERE name = 'phases'").fetchone():
+            return []
+        return self.db.execute(
+            "SELECT model, phase, SUM(seconds), COUNT(*) FROM phases WHERE matrix = ? GROUP BY model, phase "
+            "ORDER BY MIN(rowid)",
+            (matrix,),
+        ).fetchall()
 
     def get(self, key: str) -> CellResult | None:
         return next(self._select(" WHERE key = ?", (key,)), None)

@@ -16,6 +16,7 @@ from saex.cache import Cache
 from saex.cli import main
 from saex.manager import load_plugins
 from saex.registry import load_registry
+from saex.report import phase_table
 from saex.run import Runner
 from saex.store import ResultsStore
 
@@ -134,7 +135,7 @@ def test_non_finite_metrics_are_null_with_a_reason_and_the_row_is_valid_json(res
     rows, _, store = results
     good = rows[("good", "mag")]
     assert good.metrics["always_nan"] is None and good.metrics["always_inf"] is None
-    assert good.details["absent_metrics"] == {
+    assert {k: good.details["absent_metrics"][k] for k in ("always_nan", "always_inf")} == {
         "always_nan": "not a finite number (nan)",
         "always_inf": "not a finite number (inf)",
     }
@@ -170,3 +171,23 @@ def test_report_on_a_missing_store_is_exit_2(tmp_path, capsys):
     assert main(["report", "--store", str(tmp_path / "nothing.sqlite")]) == 2
     assert "no results store there" in capsys.readouterr().err
     assert not (tmp_path / "nothing.sqlite").exists()
+
+
+def test_every_phase_of_a_run_is_timed_in_the_store_and_reported(results):
+    _, _, store_path = results
+    phases = {phase: times for _, phase, _, times in ResultsStore.existing(store_path).phase_totals("m")}
+    for phase in (
+        "load model",
+        "token blocks",
+        "activations M train",
+        "activations M_c[mag] eval",
+        "compress mag",
+        "train SAE good on M",
+        "model loss M",
+        "per-SAE metrics on M",
+        "splice metrics on M_c[mag]",
+    ):
+        assert phases.get(phase, 0) >= 1, (phase, phases)
+    totals = ResultsStore.existing(store_path).phase_totals("m")
+    table = phase_table(totals)
+    assert "| tiny | compress mag |" in table
