@@ -1,4 +1,4 @@
-"""The ``saex`` command: setup, plugins, validate, run, report.
+"""The ``saex`` command: setup, plugins, validate, run, report, browse, lm-eval.
 
 Exit codes: 0 success, 1 some cells failed, 2 bad input (registry, plugin params, arguments).
 """
@@ -13,12 +13,15 @@ import sys
 from pathlib import Path
 
 from saex.assets import AssetError, kjv_jsonl, saex_home, smollm2_dir
+from saex.browser import BrowseError, Selection, browse
 from saex.cache import Cache
 from saex.manager import KIND_HOOKS, PluginError, Plugins, load_plugins
 from saex.matrix import expand
+from saex.models import resolve_device
 from saex.registry import DEVICE_PATTERN, Registry, RegistryError, load_registry
 from saex.report import ReportExists, Section, markdown, write_report
 from saex.run import Runner
+from saex.spine_outputs import declared_outputs
 from saex.store import ResultsStore, StoreError
 
 PROJECT_REGISTRY = Path(__file__).resolve().parent.parent / "registry.yaml"
@@ -46,6 +49,10 @@ def _parser() -> argparse.ArgumentParser:
             help=f"results database (default {DEFAULT_STORE}, or $SAEX_STORE)",
         )
 
+    def with_selection(p: argparse.ArgumentParser) -> None:
+        for name, default in vars(Selection()).items():
+            p.add_argument(f"--{name.replace('_', '-')}", type=int, default=default, help=f"feature pages: {name}")
+
     sub.add_parser("setup", help="fetch and prepare the embedded model and corpus (idempotent)")
     p = sub.add_parser("plugins", help="list every plugin component: kind, name, source, params schema")
     p.add_argument("--json", action="store_true", help="print the full JSON schemas")
@@ -58,6 +65,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("matrix")
     p.add_argument("--device", type=_device_name, help="override the matrix's device (auto, cpu, cuda, cuda:1, mps)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument(
+        "--executor",
+        default="local",
+        help="how cells are computed: local (default), ray, or an `executors` entry of the registry",
+    )
     p = sub.add_parser("report", help="a matrix's results (or every row) as markdown; with --out, also PNG figures")
     with_registry(p)
     with_store(p)
@@ -65,6 +77,22 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", action="store_true", help="also list every compressed layer")
     p.add_argument("--out", type=Path, help="write report.md and PNG figures into this folder instead of printing")
     p.add_argument("--force", action="store_true", help="with --out: overwrite report files that already exist")
+    p.add_argument("--features", action="store_true", help="with --out and a matrix: add the feature browser")
+    with_selection(p)
+    p = sub.add_parser("browse", help="the feature browser of a matrix: its SAE's latents on M vs M_c, as HTML")
+    with_registry(p)
+    with_store(p)
+    p.add_argument("matrix")
+    p.add_argument("--out", type=Path, required=True, help="site folder (the browser goes to OUT/features)")
+    p.add_argument("--device", type=_device_name, help="override the matrix's device (auto, cpu, cuda, cuda:1, mps)")
+    for name in ("model", "hook", "sae", "compression"):
+        p.add_argument(f"--{name}", help=f"only this {name} of the matrix (default: every one)")
+    with_selection(p)
+    # listed for --help only: ``main`` hands everything after ``lm-eval`` to lm-eval's own parser
+    sub.add_parser(
+        "lm-eval",
+        help="lm-eval's CLI with the `saex` model (SAEs spliced in) and saex's offline tasks (docs/DOWNSTREAM.md)",
+    )
     return parser
 
 
@@ -75,6 +103,9 @@ def _device_name(text: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["lm-eval"]:
+        return cmd_lm_eval(argv[1:])
     args = _parser().parse_args(argv)
     os.environ.setdefault("LLM_COMPRESSOR_LOG_LEVEL", "WARNING")  # it logs every module at INFO otherwise
     try:
@@ -141,6 +172,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     plugins = load_plugins()
     registry = _registry(args, plugins)
     registry.matrix(args.matrix)
+    outputs = declared_outputs(plugins)
     store = ResultsStore(args.store)
     runner = Runner(
         plugins,
@@ -151,8 +183,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         log=lambda m: print(f"saex: {m}", file=sys.stderr),
     )
-    results = runner.run(args.matrix)
-    print(markdown(f"matrix {args.matrix}", results))
+    results = runner.run(args.matrix, args.executor)
+    print(markdown(f"matrix {args.matrix}", results, outputs))
     print(f"results stored in {args.store}")
     failed = [r for r in results if r.status != "done"]
     return 1 if failed else 0
@@ -163,27 +195,45 @@ def cmd_report(args: argparse.Namespace) -> int:
         print("saex: error: --force only applies with --out", file=sys.stderr)
         return 2
     store = ResultsStore.existing(args.store)
+    plugins = load_plugins()
+    outputs = declared_outputs(plugins)
     if args.matrix:
-        registry = _registry(args, load_plugins())
+        registry = _registry(args, plugins)
         cells = expand(args.matrix, registry.matrix(args.matrix))
         results = [r for c in cells if (r := store.get(c.key(registry))) is not None]
         missing = len(cells) - len(results)
         note = f"{missing} of {len(cells)} cells have no result yet." if missing else ""
-        sections = [Section(f"matrix {args.matrix}", results, note)]
+        sections = [Section(f"matrix {args.matrix}", results, note, store.phase_totals(args.matrix))]
     else:
         sections = [
-            Section(f"matrix {name}", list(store.rows(name))) for name in sorted({r.matrix for r in store.rows()})
+            Section(f"matrix {name}", list(store.rows(name)), phases=store.phase_totals(name))
+            for name in sorted({r.matrix for r in store.rows()})
         ]
     if not args.out:
         for section in sections:
-            print(markdown(section.title, section.results, layers=args.layers, note=section.note))
+            print(
+                markdown(
+                    section.title,
+                    section.results,
+                    outputs,
+                    layers=args.layers,
+                    note=section.note,
+                    phases=section.phases,
+                )
+            )
         return 0
+    if args.features and not args.matrix:
+        print("saex: error: --features needs a matrix", file=sys.stderr)
+        return 2
     try:
-        written = write_report(args.out, sections, layers=args.layers, force=args.force)
-    except ReportExists as exc:
+        features = "features/index.html" if args.features else None
+        written = write_report(args.out, sections, outputs, layers=args.layers, force=args.force, features=features)
+        if args.features:
+            written += _browse(args, plugins, registry, sections[0].results, link_report=True)
+    except (ReportExists, BrowseError) as exc:
         print(f"saex: error: {exc}", file=sys.stderr)
         return 2
-    for path in written:
+    for path in dict.fromkeys(written):  # the site's assets are shared by the report and the browser
         print(path)
     for section in sections:
         if section.note:
@@ -191,7 +241,55 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"setup": cmd_setup, "plugins": cmd_plugins, "validate": cmd_validate, "run": cmd_run, "report": cmd_report}
+def _browse(
+    args: argparse.Namespace, plugins: Plugins, registry: Registry, results: list, *, link_report: bool
+) -> list[Path]:
+    """The feature browser of ``args.matrix`` into ``args.out/features``. Its runner only reads artifacts: it
+    records no run phases (a scratch in-memory store), so browsing leaves the results store as it was."""
+    runner = Runner(
+        plugins,
+        registry,
+        ResultsStore(Path(":memory:")),
+        Cache(saex_home() / "cache"),
+        progress=False,
+        log=lambda m: print(f"saex: {m}", file=sys.stderr),
+    )
+    device = resolve_device(getattr(args, "device", None) or registry.matrix(args.matrix).device)
+    how = Selection(**{name: getattr(args, name) for name in vars(Selection())})
+    chosen = {name: getattr(args, name, None) for name in ("model", "hook", "sae", "compression")}
+    return browse(runner, args.matrix, results, args.out, device, how, link_report=link_report, **chosen)
+
+
+def cmd_browse(args: argparse.Namespace) -> int:
+    store = ResultsStore.existing(args.store)
+    plugins = load_plugins()
+    registry = _registry(args, plugins)
+    results = [r for c in expand(args.matrix, registry.matrix(args.matrix)) if (r := store.get(c.key(registry)))]
+    try:
+        written = _browse(args, plugins, registry, results, link_report=(args.out / "index.html").exists())
+    except BrowseError as exc:
+        print(f"saex: error: {exc}", file=sys.stderr)
+        return 2
+    for path in written:
+        print(path)
+    return 0
+
+
+def cmd_lm_eval(argv: list[str]) -> int:
+    from saex.lmeval import main as lm_eval_main  # lm-eval loads only for this command
+
+    lm_eval_main(argv)
+    return 0
+
+
+COMMANDS = {
+    "setup": cmd_setup,
+    "plugins": cmd_plugins,
+    "validate": cmd_validate,
+    "run": cmd_run,
+    "report": cmd_report,
+    "browse": cmd_browse,
+}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -8,6 +8,7 @@ render without a display and never leak between calls. A figure whose data are a
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,8 +36,9 @@ from saex.spine_outputs import SECONDS_TO_OBTAIN
 from saex.store import CellResult
 
 DPI = 120
+TITLE_CHARS_PER_INCH = 9  # characters of a 13 pt title per inch of figure width (wrapped beyond)
 MAX_COLUMNS = 4
-MARKERS = {"original": "o", "loaded": "D", "retrained": "s", "pruned": "^"}
+MARKERS = {"original": "o", "loaded": "D", "finetuned": "v", "retrained": "s", "pruned": "^"}
 REFERENCE_STYLES = {  # label -> line style of the horizontal reference lines
     "original on M": dict(color="0.55", linestyle="-.", linewidth=1.2),
     "original on M_c": dict(color="black", linestyle="--", linewidth=1.4),
@@ -80,6 +82,10 @@ def _legend(fig: Figure, handles: list) -> None:
 
 
 def _save(fig: Figure, path: Path) -> Path:
+    """Save as PNG, the title wrapped to the figure's width first so that no title is cut off."""
+    title = fig.get_suptitle()
+    if title:
+        fig.suptitle(textwrap.fill(title, width=max(30, int(fig.get_figwidth() * TITLE_CHARS_PER_INCH))), fontsize=13)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=DPI, format="png")
     return path
@@ -420,4 +426,7 @@ def plan(
             x,
             f"no cell has {shown}",
         )
-    return draws, skipped
+    from saex.comparison_figures import plan_comparisons  # it draws with this module's helpers
+
+    more, more_skipped = plan_comparisons(results, outputs, add, name_of)
+    return draws + more, skipped + more_skipped

@@ -6,7 +6,8 @@ to the registry for a plugin; cell and cache keys hash ``Resolved.identity()``, 
 recomputes.
 
 Several files are merged (the project's, ``--registry`` files, files contributed by plugins); a name
-defined twice is an error naming both files. Every error names the file, the YAML path, the bad value and
+defined twice is an error naming both files. A ``saes`` entry with ``sweep`` stands for one entry per value
+(``saex.sweeps``). Every error names the file, the YAML path, the bad value and
 the valid choices, and is raised while reading, before anything runs.
 """
 
@@ -24,6 +25,7 @@ from saex.pretrained import LoadedRef, ReleaseEntry, check_hooks, resolve_loaded
 from saex.protocols import Component
 from saex.registry_file import RegistryError, read_registry_file
 from saex.sources import parse_source
+from saex.sweeps import expand_sweeps
 from saex.training import TrainingConfig
 
 SECTIONS: dict[str, Kind] = {
@@ -157,12 +159,13 @@ class Registry(BaseModel):
         return self._resolved[(section, name)]
 
     def loaded_sae(self, matrix: str, source: str) -> LoadedRef | None:
-        """The files a cell of ``source`` in ``matrix`` uses: its own for ``loaded:``; for ``retrained`` and
-        ``pruned:``, the matrix's ``loaded:`` source, which takes the place of ``original`` (``saex.artifacts``);
-        None when the SAE comes from training."""
-        if source.startswith("loaded:"):
+        """The files a cell of ``source`` in ``matrix`` uses: its own for ``loaded:``; for ``retrained``,
+        ``finetuned:`` and ``pruned:``, the matrix's ``loaded:`` source, which takes the place of ``original``
+        (``saex.artifacts``); None when the SAE comes from training."""
+        kind = parse_source(source).kind
+        if kind == "loaded":
             return self._loaded[source]
-        if source == "original":
+        if kind == "original":
             return None
         loaded = [s for s in self.matrix(matrix).sources if s.startswith("loaded:")]
         return self._loaded[loaded[0]] if loaded else None
@@ -250,10 +253,14 @@ def _check_matrices(reg: Registry) -> None:
                 if ref not in known:
                     raise RegistryError(file, f"matrices.{name}.{field}[{i}]", f"not defined in {section}", ref, known)
         loaded = [(i, text) for i, text in enumerate(matrix.sources) if parse_source(text).kind == "loaded"]
-        derived = [text for text in matrix.sources if parse_source(text).kind in ("retrained", "pruned")]
+        derived = [text for text in matrix.sources if parse_source(text).kind in ("retrained", "finetuned", "pruned")]
         if len(loaded) > 1 and derived:
             message = f"{derived[0]} derives from the matrix's loaded: SAE, and it has {len(loaded)}: one per matrix"
             raise RegistryError(file, f"matrices.{name}.sources", message, [text for _, text in loaded])
+        for i, text in enumerate(matrix.sources if loaded else []):
+            if parse_source(text).kind in ("finetuned", "pruned") and parse_source(text).seed is not None:
+                message = "derives from the matrix's loaded: SAE, which has no seed: drop @seed=<n>"
+                raise RegistryError(file, f"matrices.{name}.sources[{i}]", message, text)
         for i, text in loaded:
             where = f"matrices.{name}.sources[{i}]"
             ref = reg._loaded.get(text) or resolve_loaded(text, reg.releases, reg.origins, file, where)
@@ -281,6 +288,7 @@ def load_registry(files: list[Path], plugins: Plugins) -> Registry:
     origins: dict[str, str] = {}
     for file in [*files, *plugins.registry_files()]:
         _merge_file(merged, origins, Path(file))
+    expand_sweeps(merged, origins)
     reg = _validate_entries(merged, origins)
     reg._files = [Path(f) for f in files]
     _resolve_components(reg, plugins)

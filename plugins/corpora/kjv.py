@@ -5,11 +5,9 @@ One document per chapter (verses joined by spaces), in canonical book order.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
-from itertools import groupby
 
-from saex import NoParams, file_digest, hookimpl, kjv_jsonl
+from saex import NoParams, file_digest, hookimpl, kjv_chapters, kjv_jsonl
 
 
 class KJV:
@@ -18,10 +16,8 @@ class KJV:
     Params = NoParams
 
     def documents(self, params: NoParams) -> Iterator[str]:
-        with open(kjv_jsonl()) as f:
-            verses = (json.loads(line) for line in f if line.strip())
-            for _, chapter in groupby(verses, key=lambda v: (v["book"], v["chapter"])):
-                yield " ".join(v["text"] for v in chapter)
+        for verses in kjv_chapters():
+            yield " ".join(verses)
 
     def fingerprint(self, params: NoParams) -> str:
         return "kjv:" + file_digest(kjv_jsonl())[:16]

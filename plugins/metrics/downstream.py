@@ -11,29 +11,45 @@ Zero-ablating a residual-stream hook of a bias-free model makes every later laye
 ce_ablated = ln(vocab) there whatever the model. When the context has the hook's mean activation, a
 mean-ablation baseline (the mean at the SAE's positions) gives ce_mean_ablated, kl_mean_ablated and the
 scores ce_loss_score_mean, kl_div_score_mean against it: an informative baseline where zero-ablation is not.
+Every mean is kept as float64 sums per eval block, for percentile-bootstrap intervals over the blocks and paired
+differences against each SAE's ``original`` on the same blocks (``saex.bootstrap``).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from saex import SpliceContext, hookimpl, prefix, sae_transform, special_mask, suffix_logits, zero_ablation
+from saex import (
+    BlockSums,
+    Bootstrap,
+    BootstrapParams,
+    MetricOutput,
+    SpliceContext,
+    Statistic,
+    hookimpl,
+    point,
+    prefix,
+    sae_transform,
+    special_mask,
+    suffix_logits,
+    with_uncertainty,
+    zero_ablation,
+)
 
 
 class _Pooled:
-    """Float64 sums of per-token CE and KL for one variant."""
+    """Float64 sums per eval block of per-token CE and KL for one variant, and its pooled means for any block
+    weights [resamples, K] (all ones: the blocks as they are)."""
 
-    def __init__(self) -> None:
-        self.ce = 0.0
-        self.kl = 0.0
-        self.n_ce = 0
-        self.n_kl = 0
+    def __init__(self, n_blocks: int) -> None:
+        self.sums = BlockSums(n_blocks)
 
     def add(
         self,
@@ -42,47 +58,160 @@ class _Pooled:
         clean_p: torch.Tensor,
         has_target: torch.Tensor,
         targets: torch.Tensor,
+        blocks: torch.Tensor,
     ) -> None:
         """``logp``/``clean_logp``: [n, vocab] at the scored positions, ``clean_p`` = ``clean_logp.exp()``;
-        ``has_target`` [n] marks the rows that predict ``targets``."""
-        self.ce += float(F.nll_loss(logp[has_target], targets, reduction="sum").double())
-        self.kl += float((clean_p * (clean_logp - logp)).sum().double())
-        self.n_ce += len(targets)
-        self.n_kl += len(logp)
+        ``has_target`` [n] marks the rows that predict ``targets``; ``blocks`` [n] is each row's eval block."""
+        ce = F.nll_loss(logp[has_target], targets, reduction="none")
+        kl = (clean_p * (clean_logp - logp)).sum(dim=-1)
+        for name, values, rows in (("ce", ce, blocks[has_target]), ("kl", kl, blocks)):
+            self.sums.add(name, values, rows)
+            self.sums.add(f"n_{name}", torch.ones_like(values), rows)
 
-    @property
-    def mean_ce(self) -> float:
-        return self.ce / self.n_ce
+    def mean_ce(self, weights: torch.Tensor) -> torch.Tensor:
+        return self.sums.total("ce", weights) / self.sums.total("n_ce", weights)
 
-    @property
-    def mean_kl(self) -> float:
-        return self.kl / self.n_kl
+    def mean_kl(self, weights: torch.Tensor) -> torch.Tensor:
+        return self.sums.total("kl", weights) / self.sums.total("n_kl", weights)
+
+    def count(self, name: str) -> float:
+        """Tokens ``name`` ("ce" or "kl") is pooled over."""
+        return float(self.sums.sums[f"n_{name}"].sum())
 
 
-def _score(worse: float, better: float, best: float) -> float:
-    """(worse - better) / (worse - best), NaN when the baseline does not move the loss."""
+def _score(worse: torch.Tensor, better: torch.Tensor, best: torch.Tensor | float) -> torch.Tensor:
+    """(worse - better) / (worse - best), NaN where the baseline does not move the loss."""
     denominator = worse - best
-    return (worse - better) / denominator if denominator != 0 else math.nan
+    return torch.where(denominator != 0, (worse - better) / denominator, math.nan)
 
 
-def _scores(baseline: _Pooled, sae: _Pooled, clean: _Pooled, name: str, suffix: str) -> dict[str, float]:
-    """The baseline's CE and KL and the SAE's scores against it (``ce_loss_score{suffix}``,
-    ``kl_div_score{suffix}``)."""
-    return {
-        f"ce_{name}": baseline.mean_ce,
-        f"kl_{name}": baseline.mean_kl,
-        f"ce_loss_score{suffix}": _score(baseline.mean_ce, sae.mean_ce, clean.mean_ce),
-        f"kl_div_score{suffix}": _score(baseline.mean_kl, sae.mean_kl, 0.0),
-    }
+PER_TOKEN = "mean over eval tokens"
+NATS = "nats"
+POOLED_RATIO = "ratio of means pooled over eval tokens"
+
+
+@dataclass(frozen=True)
+class _Baseline:
+    """A baseline the SAE is scored against: the loss with ``variant`` in place of the activation is keyed
+    ``ce_{variant}`` / ``kl_{variant}``, the SAE's scores ``ce_loss_score{suffix}`` / ``kl_div_score{suffix}``.
+    ``plotted``: its scores are the ones the report's figures show; ``note`` is the caveat of its CE score."""
+
+    variant: str
+    suffix: str
+    replaced_by: str
+    plotted: bool
+    note: str | None = None
+
+    def scores(self, baseline: _Pooled, sae: _Pooled, clean: _Pooled) -> dict[str, Statistic]:
+        return {
+            f"ce_{self.variant}": baseline.mean_ce,
+            f"kl_{self.variant}": baseline.mean_kl,
+            f"ce_loss_score{self.suffix}": lambda w: _score(baseline.mean_ce(w), sae.mean_ce(w), clean.mean_ce(w)),
+            f"kl_div_score{self.suffix}": lambda w: _score(baseline.mean_kl(w), sae.mean_kl(w), 0.0),
+        }
+
+    def outputs(self, rank: int) -> tuple[MetricOutput, ...]:
+        """Declarations of the keys of ``scores``; ``rank`` orders this baseline's scores among the others'."""
+        by = f"with the hook's activation replaced by {self.replaced_by}"
+        return (
+            MetricOutput(
+                name=f"ce_{self.variant}",
+                description=f"next-token cross-entropy {by}",
+                aggregation=PER_TOKEN,
+                unit=NATS,
+            ),
+            MetricOutput(
+                name=f"kl_{self.variant}",
+                description=f"KL(clean || modified) {by}",
+                aggregation=PER_TOKEN,
+                unit=NATS,
+                range=(0, None),
+            ),
+            MetricOutput(
+                name=f"ce_loss_score{self.suffix}",
+                description=f"(ce_{self.variant} - ce_sae) / (ce_{self.variant} - ce_clean): 1 as clean, 0 as the "
+                "baseline",
+                aggregation=POOLED_RATIO,
+                higher_is_better=True,
+                headline=True,
+                gap=True,
+                cost_quality=self.plotted,
+                vs_sparsity=self.plotted,
+                order=20 + rank,
+                note=self.note,
+            ),
+            MetricOutput(
+                name=f"kl_div_score{self.suffix}",
+                description=f"(kl_{self.variant} - kl_sae) / kl_{self.variant}: 1 as clean, 0 as the baseline",
+                aggregation=POOLED_RATIO,
+                higher_is_better=True,
+                headline=True,
+                gap=True,
+                vs_sparsity=self.plotted,
+                order=30 + rank,
+            ),
+        )
+
+
+ZERO_ABLATION_NOTE = (
+    "ce_loss_score = (ce_ablated - ce_sae) / (ce_ablated - ce_clean), with the hook zero-ablated for ce_ablated. "
+    "Zero-ablating a residual-stream hook (resid_pre / resid_post) of a bias-free model makes every later layer "
+    "see zeros: the logits are uniform and ce_ablated = ln(vocab) for every model, compressed or not, so the "
+    "score's baseline says nothing about the hook (docs/METRICS.md). ce_loss_score_mean and kl_div_score_mean "
+    "use the hook's mean activation over the eval tokens as the baseline instead."
+)
+BASELINES = (
+    _Baseline("ablated", "", "zeros", plotted=True, note=ZERO_ABLATION_NOTE),
+    _Baseline("mean_ablated", "_mean", "its mean over the eval tokens", plotted=False),
+)
+SPLICE_OUTPUTS = (
+    MetricOutput(
+        name="ce_clean", description="next-token cross-entropy of the model as it is", aggregation=PER_TOKEN, unit=NATS
+    ),
+    MetricOutput(
+        name="ce_sae",
+        description="next-token cross-entropy with the SAE's reconstruction spliced in",
+        aggregation=PER_TOKEN,
+        unit=NATS,
+        higher_is_better=False,
+    ),
+    MetricOutput(
+        name="kl_sae",
+        description="KL(clean || with the SAE spliced in)",
+        aggregation=PER_TOKEN,
+        unit=NATS,
+        higher_is_better=False,
+        range=(0, None),
+    ),
+    MetricOutput(
+        name="ce_tokens", description="next-token predictions CE is pooled over", aggregation="count", unit="tokens"
+    ),
+    MetricOutput(name="kl_tokens", description="positions KL is pooled over", aggregation="count", unit="tokens"),
+    *(output for rank, baseline in enumerate(BASELINES) for output in baseline.outputs(rank)),
+)
+COUNTS = ("ce_tokens", "kl_tokens")  # no intervals
+# ce_clean and the baselines' losses are the same for an SAE and its original: only the SAE's own keys differ
+DIFFERENCES = ("ce_sae", "kl_sae", *(f"{s}{b.suffix}" for b in BASELINES for s in ("ce_loss_score", "kl_div_score")))
+OUTPUTS = with_uncertainty(SPLICE_OUTPUTS, [o.name for o in SPLICE_OUTPUTS if o.name not in COUNTS], DIFFERENCES)
+
+
+def _statistics(pooled: dict[str, _Pooled], variant: str) -> dict[str, Statistic]:
+    """Every mean and score of the SAE spliced in as ``variant``, as functions of the block weights."""
+    sae, clean = pooled[variant], pooled["clean"]
+    found: dict[str, Statistic] = {"ce_clean": clean.mean_ce, "ce_sae": sae.mean_ce, "kl_sae": sae.mean_kl}
+    for baseline in BASELINES:
+        if baseline.variant in pooled:
+            found |= baseline.scores(pooled[baseline.variant], sae, clean)
+    return found
 
 
 class CEKL:
     name = "ce_kl"
     scope = "splice"
     description = "CE / KL with the SAE spliced in, against clean and zero-ablated runs (ce_loss_score, kl_div_score)"
+    outputs = OUTPUTS
 
-    class Params(BaseModel):
-        model_config = ConfigDict(extra="forbid")
+    class Params(BootstrapParams):
         max_tokens: int = Field(
             8192, gt=0, description="eval tokens used (leading eval blocks); the same for every SAE"
         )
@@ -99,7 +228,8 @@ class CEKL:
             mean = ctx.mean_activation.to(ctx.device)
             variants["mean_ablated"] = lambda x: mean.to(x.dtype).expand_as(x)
         variants |= {label: sae_transform(sae) for label, sae in ctx.saes.items()}
-        pooled = {name: _Pooled() for name in ["clean", *variants]}
+        originals = self._originals(ctx, variants)
+        pooled = {name: _Pooled(n_blocks) for name in ["clean", *variants]}
         for start in range(0, n_blocks, params.batch_blocks):
             ids = blocks[start : start + params.batch_blocks].to(ctx.device)
             scored = ~special_mask(ids, ctx.tokenizer)
@@ -107,6 +237,7 @@ class CEKL:
             predicts[:, -1] = False
             has_target = predicts[scored]
             targets = ids[:, 1:][predicts[:, :-1]]
+            row_blocks = (start + torch.arange(len(ids))).unsqueeze(1).expand(scored.shape)[scored.cpu()]
             hidden = prefix(ctx.model, ids, ctx.hook)
 
             def logp(fn, mask, hidden=hidden, scored=scored) -> torch.Tensor:
@@ -115,25 +246,34 @@ class CEKL:
 
             clean = logp(None, None)
             clean_p = clean.exp()  # once per batch, not per variant
-            pooled["clean"].add(clean, clean, clean_p, has_target, targets)
+            pooled["clean"].add(clean, clean, clean_p, has_target, targets, row_blocks)
             for name, fn in variants.items():
                 mask = None if name == "ablated" and params.ablate_at == "all" else scored
-                pooled[name].add(logp(fn, mask), clean, clean_p, has_target, targets)
-        clean, results = pooled["clean"], {}
+                pooled[name].add(logp(fn, mask), clean, clean_p, has_target, targets, row_blocks)
+        bootstrap, results = Bootstrap(n_blocks, params), {}
         for label in ctx.saes:
-            sae = pooled[label]
-            found = {
-                "ce_clean": clean.mean_ce,
-                "ce_sae": sae.mean_ce,
-                "kl_sae": sae.mean_kl,
-                "ce_tokens": float(sae.n_ce),
-                "kl_tokens": float(sae.n_kl),
-            }
-            for baseline, suffix in (("ablated", ""), ("mean_ablated", "_mean")):
-                if baseline in pooled:
-                    found |= _scores(pooled[baseline], sae, clean, baseline, suffix)
+            mine = _statistics(pooled, label)
+            found = {key: point(statistic, n_blocks) for key, statistic in mine.items()}
+            found |= {"ce_tokens": pooled[label].count("ce"), "kl_tokens": pooled[label].count("kl")}
+            found |= bootstrap.intervals(mine)
+            if label in originals:
+                theirs = _statistics(pooled, originals[label])
+                differences = {key: mine[key] for key in DIFFERENCES if key in mine}
+                their_points = {key: point(theirs[key], n_blocks) for key in differences}
+                found |= bootstrap.differences(differences, theirs, found, their_points)
             results[label] = found
         return results
+
+    @staticmethod
+    def _originals(ctx: SpliceContext, variants: dict[str, Callable[[torch.Tensor], torch.Tensor]]) -> dict[str, str]:
+        """Label -> the variant of its original SAE: the label of that SAE when it is scored here too, else a
+        variant added to ``variants`` (once per original)."""
+        names = {id(sae): label for label, sae in ctx.saes.items()}
+        originals = {}
+        for label, original in ctx.reference_saes.items():
+            originals[label] = names.setdefault(id(original), f"original of {label}")
+            variants.setdefault(originals[label], sae_transform(original))
+        return originals
 
 
 @hookimpl
