@@ -114,7 +114,8 @@ class SpliceContext:
     scored there (label -> SAE), so the layers before the hook run once for all of them. ``mean_activation``
     [d] is the scored model's mean activation at the hook over its eval tokens (special tokens excluded; at
     most 100k of them, ``saex.sae.mean_activation``), for a mean-ablation baseline. ``reference_saes``: label ->
-    the ``original`` SAE that label's paired differences are taken against (one of ``saes`` or not)."""
+    the ``original`` SAE that label's paired differences are taken against (one of ``saes`` or not).
+    ``progress``: whether to show a progress bar (the run's ``--no-progress`` turns it off)."""
 
     model: torch.nn.Module
     hook: "HookPoint"
@@ -124,6 +125,7 @@ class SpliceContext:
     saes: dict[str, "SAE"]
     mean_activation: torch.Tensor | None = None
     reference_saes: dict[str, "SAE"] = field(default_factory=dict)
+    progress: bool = False
 
 
 # --- plugin kinds ----------------------------------------------------------------------------------------

@@ -273,6 +273,7 @@ class Runner:
                 chosen,
                 mean,
                 reference_saes={label: sae for label, sae in originals.items() if sae is not None},
+                progress=self.progress,
             )
             return splice_metrics(metrics, ctx)
 

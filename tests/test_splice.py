@@ -179,3 +179,13 @@ def test_splice_intervals_are_reproducible_and_a_difference_with_itself_is_exact
     # halving the activation moves the loss on every block: the interval of its KL difference excludes 0
     assert 0 < half["kl_sae_vs_original_ci_low"] <= half["kl_sae_vs_original"] <= half["kl_sae_vs_original_ci_high"]
     assert half["ce_sae_ci_low"] <= half["ce_sae"] <= half["ce_sae_ci_high"]
+
+
+def test_ce_kl_shows_progress_only_when_asked(tiny_llama, blocks, capsys):
+    saes = {"zero/original": Zero()}
+    for progress in (False, True):
+        cpu = torch.device("cpu")
+        ctx = SpliceContext(tiny_llama.model, HOOK, blocks, tiny_llama.tokenizer, cpu, saes, progress=progress)
+        CEKL().compute_spliced(ctx, CEKL.Params(max_tokens=10_000, batch_blocks=3))
+        shown = "CE/KL layers.1.resid_post: 3 passes per batch" in capsys.readouterr().err
+        assert shown == progress

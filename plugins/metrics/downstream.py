@@ -25,6 +25,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from pydantic import Field
+from tqdm import tqdm
 
 from saex import (
     BlockSums,
@@ -230,7 +231,9 @@ class CEKL:
         variants |= {label: sae_transform(sae) for label, sae in ctx.saes.items()}
         originals = self._originals(ctx, variants)
         pooled = {name: _Pooled(n_blocks) for name in ["clean", *variants]}
-        for start in range(0, n_blocks, params.batch_blocks):
+        batches = range(0, n_blocks, params.batch_blocks)
+        desc = f"CE/KL {ctx.hook}: {len(variants) + 1} passes per batch"
+        for start in tqdm(batches, desc=desc, unit="batch", leave=False, disable=not ctx.progress):
             ids = blocks[start : start + params.batch_blocks].to(ctx.device)
             scored = ~special_mask(ids, ctx.tokenizer)
             predicts = scored.clone()
