@@ -1,7 +1,8 @@
 """Results -> a markdown report (and, with an output folder, PNG figures): docs/REPORT.md says what each shows.
 
 The tables are grouped per (hook, compression) with the SAEs scored on M (``original``, ``loaded:*``) repeated
-in every group as references; then the transfer gap (the same SAE on M vs on M_c), cost vs quality, the
+in every group as references; then the transfer gap (the same SAE on M vs on M_c), cost vs quality, the SAEs
+against each other (``saex.comparisons``: alignment beside the seed noise floor, matched sparsity), the
 compression check, what each metric column holds, and every cell as stored. Which metric goes where, and under
 what header, comes from the metrics' declarations (``saex.columns``): this module names none.
 ``write_report`` writes ``report.md`` and the figures of ``harness/figures.py`` into a folder and never
@@ -13,10 +14,22 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from saex.columns import COST_QUALITY, GAP, HEADLINE, Outputs, columns, footnotes, header, in_order, legend_rows
+from saex.columns import (
+    COST_QUALITY,
+    GAP,
+    HEADLINE,
+    Outputs,
+    columns,
+    footnotes,
+    header,
+    in_order,
+    legend_rows,
+    paired_difference,
+    shown,
+)
 from saex.matrix import BASE
 from saex.sources import Source, parse_source
 from saex.spine_outputs import COST_COLUMNS, SECONDS_TO_OBTAIN, CostColumn
@@ -24,7 +37,8 @@ from saex.store import CellResult
 
 COST_NOTE = (
     "Seconds to obtain the SAE: training for `original` (paid once, on M, whatever the compression) and "
-    "`retrained`; calibration + pruning for `pruned:*` (the original's training not included). Activation "
+    "`retrained`; fine-tuning for `finetuned:*` and calibration + pruning for `pruned:*` (the original's training "
+    "not included). Activation "
     "seconds: the model pass that collected the activations it was trained or calibrated on (M's for "
     "`original`; shared by the hooks collected in the same pass)."
 )
@@ -42,12 +56,14 @@ def source_of(text: str) -> Source | None:
 
 
 def source_rank(text: str) -> tuple:
-    """Table order: original, loaded, retrained, then pruned by strategy and sparsity, then anything else."""
+    """Table order: original, loaded, finetuned by tokens, retrained, then pruned by strategy and sparsity, then
+    anything else; a seeded source after its unseeded one."""
     src = source_of(text)
     if src is None:
-        return (4, text, 0.0)
-    rank = {"original": 0, "loaded": 1, "retrained": 2, "pruned": 3}[src.kind]
-    return (rank, src.pruner or src.path or "", src.sparsity or 0.0)
+        return (5, text, 0.0, -1)
+    rank = {"original": 0, "loaded": 1, "finetuned": 2, "retrained": 3, "pruned": 4}[src.kind]
+    seed = -1 if src.seed is None else src.seed
+    return (rank, src.pruner or src.path or "", src.sparsity or src.tokens or 0.0, seed)
 
 
 def source_order(result: CellResult) -> tuple:
@@ -158,7 +174,7 @@ def cells_table(results: list[CellResult], outputs: Outputs) -> str:
                 c["sae"],
                 c["source"],
                 target,
-                *[r.metrics.get(m) for m in metrics],
+                *[shown(r.metrics, m, outputs) for m in metrics],
                 SECONDS_TO_OBTAIN.value(r.cost),
                 status,
             ]
@@ -186,7 +202,7 @@ def group_tables(results: list[CellResult], outputs: Outputs) -> str:
                     r.cell["sae"],
                     r.cell["source"],
                     "M" if on_base(r) else "M_c",
-                    *[r.metrics.get(m) for m in metrics],
+                    *[shown(r.metrics, m, outputs) for m in metrics],
                     SECONDS_TO_OBTAIN.value(r.cost),
                     _status_note(r),
                 ]
@@ -255,6 +271,28 @@ def transfer_gap_table(results: list[CellResult], outputs: Outputs) -> str:
             cells += [on_m, on_mc, _signed(diff)]
         table.append(cells + [row.note])
     return _table(head + ["note"], table)
+
+
+def differences_table(results: list[CellResult], outputs: Outputs) -> str:
+    """Every cell with paired differences against its original (same model, hook and eval tokens): each declared
+    difference as ``value ± half-width``, marked where its interval contains 0."""
+    cells = [r for r in results if any(m in r.metrics for m in in_order(outputs, paired_difference))]
+    metrics = columns(cells, outputs, paired_difference)
+    if not metrics:
+        return ""
+    head = ["hook", "sae", "scored on", "source", *(header(m, outputs) for m in metrics), "note"]
+    rows = [
+        [
+            r.cell["hook"],
+            r.cell["sae"],
+            "M" if on_base(r) else f"M_c ({r.cell['compression']})",
+            r.cell["source"],
+            *[shown(r.metrics, m, outputs) for m in metrics],
+            _status_note(r),
+        ]
+        for r in cells
+    ]
+    return _table(head, rows)
 
 
 def cost_table(results: list[CellResult], outputs: Outputs) -> str:
@@ -398,6 +436,7 @@ def markdown(
     note: str = "",
     figures: list[FigureEntry] | None = None,
     figures_dir: Path | None = None,
+    phases: list[tuple[str, str, float, int]] | None = None,
 ) -> str:
     """The whole report of one matrix's results as markdown (figures only when given, already drawn).
 
@@ -415,7 +454,8 @@ def markdown(
         "### Results per hook and compression",
         "",
         "Each table starts with the SAEs scored on the uncompressed model M (`original`, `loaded:*`: the "
-        "references), then every SAE scored on the compressed model M_c. ↑ / ↓: higher / lower is better.",
+        "references), then every SAE scored on the compressed model M_c. ↑ / ↓: higher / lower is better. "
+        "value ± h: h is half the width of the value's confidence interval (bootstrap over eval blocks).",
         "",
         group_tables(results, outputs),
         "",
@@ -433,10 +473,25 @@ def markdown(
             "",
             *notes(gap_columns(transfer_gap_rows(results, in_order(outputs, GAP)), outputs)),
         ]
+    differences = differences_table(results, outputs)
+    if differences:
+        parts += [
+            "### Paired differences against the original",
+            "",
+            "Each SAE minus its `original` SAE, both scored on the same model, hook and eval tokens, with the "
+            "percentile-bootstrap interval of the difference over the same resampled eval blocks.",
+            "",
+            differences,
+            "",
+            *notes(columns(results, outputs, paired_difference)),
+        ]
     cost = cost_table(results, outputs)
     if cost:
         cells = [r for r in results if not on_base(r)]
         parts += ["### Cost vs quality", "", COST_NOTE, "", cost, "", *notes(columns(cells, outputs, COST_QUALITY))]
+    from saex.comparisons import comparison_sections  # it reads cells with this module's helpers
+
+    parts += comparison_sections(results, outputs, notes)
     summary = compression_summary(results)
     if summary:
         parts += ["### Compression check (achieved, per targeted Linear layer)", "", summary, ""]
@@ -446,11 +501,29 @@ def markdown(
             parts += [layer_table, ""]
     if figures is not None:
         parts += ["### Figures", "", figures_section(figures, figures_dir or Path(".")) or "No figures.", ""]
+    if phases:
+        parts += ["### Time by phase", "", PHASES_NOTE, "", phase_table(phases), ""]
     legend = legend_table(results, outputs)
     if legend:
         parts += ["### Metrics", "", "What each metric column holds, as its metric declares it.", "", legend, ""]
     parts += ["### Every cell", "", cells_table(results, outputs), "", *notes(columns(results, outputs))]
     return "\n".join(parts).rstrip() + "\n"
+
+
+PHASES_NOTE = (
+    "Seconds each phase took, summed over every run of the matrix recorded in the store (a resumed run adds "
+    "its own, mostly cache reads); a phase nested in another (M_c built while collecting its activations) "
+    "counts once, as itself."
+)
+
+
+def phase_table(phases: list[tuple[str, str, float, int]]) -> str:
+    total = sum(seconds for _, _, seconds, _ in phases)
+    rows = [
+        [model, phase, f"{seconds:.1f}", f"{seconds / total:.0%}" if total else "", times]
+        for model, phase, seconds, times in phases
+    ]
+    return _table(["model", "phase", "seconds", "share", "times"], rows)
 
 
 # --- writing a report folder ------------------------------------------------------------------------------
@@ -476,6 +549,7 @@ class Section:
     title: str
     results: list[CellResult]
     note: str = ""
+    phases: list[tuple[str, str, float, int]] = field(default_factory=list)  # ResultsStore.phase_totals
 
 
 @dataclass
@@ -486,14 +560,21 @@ class _Planned:
 
 
 def write_report(
-    out_dir: Path, sections: list[Section], outputs: Outputs, *, layers: bool = False, force: bool = False
+    out_dir: Path,
+    sections: list[Section],
+    outputs: Outputs,
+    *,
+    layers: bool = False,
+    force: bool = False,
+    features: str | None = None,
 ) -> list[Path]:
-    """Write ``report.md`` and the PNG figures of every section into ``out_dir``; return the paths written.
+    """Write ``report.md``, the PNG figures of every section and the HTML site (``saex.site``: index.html and
+    its assets; ``features`` links a feature browser) into ``out_dir``; return the paths written.
 
     Every file that would be written is checked first: if one exists and ``force`` is false, ``ReportExists``
     is raised and nothing is written. With several reports, figure names start with the report's title.
     """
-    from saex import figures  # matplotlib loads only when figures are drawn
+    from saex import figures, site  # matplotlib, jinja2 and plotly load only when a report folder is written
 
     out_dir = Path(out_dir)
     planned: list[tuple[list[_Planned], list[FigureEntry]]] = []
@@ -502,7 +583,8 @@ def write_report(
         draws, skipped = figures.plan(section.results, outputs, out_dir, prefix)
         planned.append(([_Planned(t, p, d) for t, p, d in draws], [FigureEntry(t, note=n) for t, n in skipped]))
     report_path = out_dir / "report.md"
-    targets = [report_path] + [p.path for draws, _ in planned for p in draws]
+    targets = [report_path, out_dir / site.INDEX, *site.asset_paths(out_dir)]
+    targets += [p.path for draws, _ in planned for p in draws]
     if not force and (existing := [p for p in targets if p.exists()]):
         raise ReportExists(existing)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -522,7 +604,9 @@ def write_report(
                 note=section.note,
                 figures=entries + skipped,
                 figures_dir=out_dir,
+                phases=section.phases,
             )
         )
     report_path.write_text("\n".join(texts))
-    return [report_path, *written]
+    parts = [site.SitePart(s.title, s.results, text, s.note) for s, text in zip(sections, texts)]
+    return [report_path, *written, *site.write_site(out_dir, parts, outputs, features=features)]

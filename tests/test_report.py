@@ -22,6 +22,7 @@ HOOK = "layers.4.resid_post"
 COMPRESSIONS = ("wanda-50", "gptq-w4")
 SOURCES = ("original", "retrained", "pruned:wanda@0.25", "pruned:wanda@0.5", "pruned:magnitude@0.5")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+SITE_FILES = ["index.html", "site.css", "site.js", "features.js", "plotly.min.js"]  # the HTML site (saex.site)
 
 # explained_variance / ce_loss_score / kl_div_score of each SAE source on M_c, per compression
 QUALITY = {
@@ -204,6 +205,7 @@ def test_report_folder_has_readable_figures(tmp_path):
         "transfer-gap-layers.4.resid_post-topk.png",
         "cost-explained_variance-layers.4.resid_post-topk.png",
         "cost-ce_loss_score-layers.4.resid_post-topk.png",
+        *SITE_FILES,
     ]
     for path in written:
         if path.suffix == ".png":
@@ -250,7 +252,7 @@ def test_cli_out_refuses_to_overwrite_without_force(tmp_path, capsys):
     out = tmp_path / "report"
     assert main(["report", "--store", str(store), "--out", str(out)]) == 0
     printed = capsys.readouterr().out.split()
-    assert printed[0] == str(out / "report.md") and len(printed) == 7
+    assert printed[0] == str(out / "report.md") and len(printed) == 7 + len(SITE_FILES)
     before = {p: p.stat().st_mtime_ns for p in out.iterdir()}
 
     assert main(["report", "--store", str(store), "--out", str(out)]) == 2
@@ -342,7 +344,7 @@ def test_a_third_party_metric_is_reported_from_its_declaration_alone(tmp_path):
         "[0, 100]",
     ]
     # and drawn against the SAE's pruning sparsity, under its key
-    assert is_png(tmp_path / "sparsity-faith_rate-layers.4.resid_post-topk.png") and len(written) == 8
+    assert is_png(tmp_path / "sparsity-faith_rate-layers.4.resid_post-topk.png") and len(written) == 8 + len(SITE_FILES)
 
 
 def test_an_undeclared_key_is_shown_marked_in_the_table_of_every_cell_only():
