@@ -20,7 +20,7 @@ from saex.corpus import pack
 from saex.language_model import next_token_loss
 from saex.manager import load_plugins
 from saex.plugins.corpora.kjv import KJV
-from saex.plugins.models.smollm2 import SmolLM2
+from saex.plugins.models.embedded import SMOLLM2
 from saex.protocols import CompressionContext, NoParams
 from saex.registry import load_registry
 from saex.verify import clone_weights, linear_layers, verify
@@ -29,7 +29,7 @@ from saex.verify import clone_weights, linear_layers, verify
 def main(names: list[str]) -> None:
     plugins = load_plugins(entry_points=False)
     registry = load_registry([PROJECT_REGISTRY], plugins)
-    loaded = SmolLM2().load(NoParams(), torch.device("cpu"))
+    loaded = SMOLLM2.load(NoParams(), torch.device("cpu"))
     blocks = pack(KJV().documents(NoParams()), loaded.tokenizer, 128, {"train": 0, "calibration": 32, "eval": 32})
     ctx = CompressionContext(blocks["calibration"], loaded.tokenizer, torch.device("cpu"), seed=0)
     print("| compression | seconds | eval ppl | mean sparsity | max rel. error | max distinct / group |")

@@ -19,6 +19,6 @@ def best_of(fn: Callable[[], object], repeats: int = 3) -> float:
 
 @pytest.fixture(scope="session")
 def smollm2():
-    from saex.plugins.models.smollm2 import SmolLM2
+    from saex.plugins.models.embedded import SMOLLM2
 
-    return SmolLM2().load(SmolLM2.Params(), torch.device("cpu"))
+    return SMOLLM2.load(SMOLLM2.Params(), torch.device("cpu"))

@@ -42,7 +42,7 @@ from saex.sae import SAE, layer_norm, load_sae, save_sae
 from saex.sae_formats import load_pretrained
 from saex.sae_sparsity import sae_sparsity
 from saex.sources import Source
-from saex.training import train_sae
+from saex.training import TrainingConfig, train_sae
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -343,25 +343,15 @@ class Artifacts:
         if key in self._saes:
             return self._saes[key]
 
-        @self.timed_call(f"train SAE {sae.name} on {on.label}")
-        def write(tmp: Path) -> dict:
-            model = sae.component.build(acts.d_in, sae.params, seed=seed)
-            result = train_sae(
-                model,
-                LayerNormed(acts) if layer_norm else acts,
-                sae.entry.training,
-                device=s.device,
-                progress=self.progress,
-                checkpoint_dir=self.cache.root / "checkpoints" / key,
-            )
-            model.layer_norm.fill_(layer_norm)
-            save_sae(model, tmp)
-            final = {f"train_{k}": v for k, v in result.final.items()}
-            return {"seconds": result.seconds, "tokens": result.tokens, "steps": result.steps, **final}
+        def build() -> SAE:
+            return sae.component.build(acts.d_in, sae.params, seed=seed)
 
-        self.cache.computed("saes", key, write)
-        shutil.rmtree(self.cache.root / "checkpoints" / key, ignore_errors=True)  # the SAE is stored now
-        meta = self.cache.meta("saes", key)
+        def keep_norm(model: SAE) -> None:  # trained on layer-normed inputs, it normalises its own from now on
+            model.layer_norm.fill_(layer_norm)
+
+        source = LayerNormed(acts) if layer_norm else acts
+        phase = f"train SAE {sae.name} on {on.label}"
+        meta = self._train_stored(key, phase, build, source, sae.entry.training, after=keep_norm)
         cost = {"sae_seconds": meta["seconds"], "sae_tokens": meta["tokens"], **_activation_cost(acts)}
         return self._remember(SAEArtifact(self._load(key), cost, key))
 
@@ -383,25 +373,9 @@ class Artifacts:
         if key in self._saes:
             return self._saes[key]
 
-        @self.timed_call(f"fine-tune SAE {sae.name} on {target.label}")
-        def write(tmp: Path) -> dict:
-            model = copy.deepcopy(original.sae)
-            result = train_sae(
-                model,
-                LayerNormed(acts) if bool(model.layer_norm) else acts,
-                training,
-                device=self.setting.device,
-                progress=self.progress,
-                checkpoint_dir=self.cache.root / "checkpoints" / key,
-                from_scratch=False,
-            )
-            save_sae(model, tmp)
-            final = {f"train_{k}": v for k, v in result.final.items()}
-            return {"seconds": result.seconds, "tokens": result.tokens, "steps": result.steps, **final}
-
-        self.cache.computed("saes", key, write)
-        shutil.rmtree(self.cache.root / "checkpoints" / key, ignore_errors=True)  # the SAE is stored now
-        meta = self.cache.meta("saes", key)
+        source = LayerNormed(acts) if bool(original.sae.layer_norm) else acts
+        phase = f"fine-tune SAE {sae.name} on {target.label}"
+        meta = self._train_stored(key, phase, lambda: copy.deepcopy(original.sae), source, training, from_scratch=False)
         cost = {"sae_seconds": meta["seconds"], "sae_tokens": meta["tokens"], **spent, **_activation_cost(acts)}
         return self._remember(SAEArtifact(self._load(key), cost, key, details))
 
@@ -447,6 +421,41 @@ class Artifacts:
             }
         }
         return self._remember(SAEArtifact(self._load(key), cost, key, details))
+
+    def _train_stored(
+        self,
+        key: str,
+        phase: str,
+        build: Callable[[], SAE],
+        source: ActivationSource,
+        training: TrainingConfig,
+        *,
+        from_scratch: bool = True,
+        after: Callable[[SAE], None] = lambda model: None,
+    ) -> dict:
+        """Train ``build()`` on ``source`` and store it under ``key`` unless cached (its checkpoint is deleted
+        only once the SAE is stored); the stored meta (seconds, tokens, steps, final training statistics)."""
+
+        @self.timed_call(phase)
+        def write(tmp: Path) -> dict:
+            model = build()
+            result = train_sae(
+                model,
+                source,
+                training,
+                device=self.setting.device,
+                progress=self.progress,
+                checkpoint_dir=self.cache.root / "checkpoints" / key,
+                from_scratch=from_scratch,
+            )
+            after(model)
+            save_sae(model, tmp)
+            final = {f"train_{k}": v for k, v in result.final.items()}
+            return {"seconds": result.seconds, "tokens": result.tokens, "steps": result.steps, **final}
+
+        self.cache.computed("saes", key, write)
+        shutil.rmtree(self.cache.root / "checkpoints" / key, ignore_errors=True)  # the SAE is stored now
+        return self.cache.meta("saes", key)
 
     def _load(self, key: str) -> SAE:
         return load_sae(self.cache.dir("saes", key), self.architectures).to(self.setting.device).eval()

@@ -13,9 +13,9 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def gemma3():
-    from saex.plugins.models.gemma3 import Gemma3
+    from saex.plugins.models.embedded import GEMMA3
 
-    return Gemma3().load(Gemma3.Params(), torch.device("cpu"))
+    return GEMMA3.load(GEMMA3.Params(), torch.device("cpu"))
 
 
 @pytest.fixture(scope="module")

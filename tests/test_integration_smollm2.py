@@ -18,9 +18,9 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from saex.plugins.models.smollm2 import SmolLM2
+    from saex.plugins.models.embedded import SMOLLM2
 
-    return SmolLM2().load(SmolLM2.Params(), torch.device("cpu"))
+    return SMOLLM2.load(SMOLLM2.Params(), torch.device("cpu"))
 
 
 def test_embedded_model_is_smollm2_and_predicts_real_text(smollm2):

@@ -26,7 +26,7 @@ from saex.hookpoints import HookPoint
 from saex.kjv_tasks import cloze_items, next_verse_items, perplexity_items
 from saex.manager import load_plugins
 from saex.plugins.metrics.lm_eval import CLEAN, LmEval
-from saex.plugins.models.smollm2 import SmolLM2
+from saex.plugins.models.embedded import SMOLLM2
 from saex.plugins.models.tiny_llama import TinyLlama
 from saex.plugins.sae.relu import ReLUParams, ReLUSAE
 from saex.plugins.sae.topk import TopKSAE
@@ -259,7 +259,7 @@ def test_on_smollm2_task_scores_sit_beside_kl_div_score_and_splices_behave(tmp_p
     for r in results.values():  # an imperfect SAE costs perplexity
         assert r.metrics["saex_kjv_ppl/bits_per_byte"] > r.metrics["saex_kjv_ppl/bits_per_byte_clean"]
 
-    loaded = SmolLM2().load(SmolLM2.Params(), torch.device("cpu"))
+    loaded = SMOLLM2.load(SMOLLM2.Params(), torch.device("cpu"))
     model, tokenizer, d = loaded.model, loaded.tokenizer, loaded.model.config.hidden_size
     cloze = lambda saes: evaluate_tasks(model, tokenizer, saes, ["saex_kjv_cloze"], limit=REAL_LIMIT)
     bare, zero = cloze({}), cloze({REAL_HOOK: scaled_identity(d, 0.0)})
