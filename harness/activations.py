@@ -113,7 +113,7 @@ def collect_activations(
 
 def _cached(cache: Cache, key: str) -> ShardedActivations:
     meta = cache.meta("activations", key)
-    shards = [cache.file("activations", key, str(name)) for name in meta["shards"]]
+    shards = cache.files("activations", key, [str(name) for name in meta["shards"]])
     return ShardedActivations(cache.dir("activations", key), meta, shards)
 
 

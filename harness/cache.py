@@ -28,7 +28,7 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -86,13 +86,20 @@ class Cache:
         return manifest["meta"]
 
     def file(self, kind: str, key: str, name: str) -> Path:
-        """A file of an artifact by a name read from its manifest or meta: a plain name the manifest lists,
-        never a path out of the directory."""
+        """A file of an artifact by a name read from its manifest or meta (``files`` for one name)."""
+        return self.files(kind, key, [name])[0]
+
+    def files(self, kind: str, key: str, names: Iterable[str]) -> list[Path]:
+        """Files of an artifact by names read from its manifest or meta: plain names the manifest lists, never
+        paths out of the directory (the manifest is read once for all of them)."""
         path = self.dir(kind, key)
         listed = json.loads((path / MANIFEST).read_text())["files"]
-        if Path(name).name != name or name in ("", ".", "..") or name not in listed:
-            raise CacheError(f"{path / MANIFEST}: {name!r} is not a file of this artifact")
-        return path / name
+        found = []
+        for name in names:
+            if Path(name).name != name or name in ("", ".", "..") or name not in listed:
+                raise CacheError(f"{path / MANIFEST}: {name!r} is not a file of this artifact")
+            found.append(path / name)
+        return found
 
     def put(self, kind: str, key: str, write: Callable[[Path], dict[str, Any]]) -> Path:
         """Run ``write(tmpdir) -> meta`` and publish the directory under the key with its manifest."""
