@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import math
 import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -42,6 +43,7 @@ from saex.sae import SAE, layer_norm, load_sae, save_sae
 from saex.sae_formats import load_pretrained
 from saex.sae_sparsity import sae_sparsity
 from saex.sources import Source
+from saex.splice import Prefixes
 from saex.training import TrainingConfig, train_sae
 
 P = ParamSpec("P")
@@ -63,6 +65,7 @@ class ModelState:
     acts: dict[tuple[str, str], ShardedActivations] = field(default_factory=dict)  # (split, hook) -> acts
     lm: dict[str, float] | None = None  # next-token loss on the eval split
     _model: nn.Module | None = None
+    _prefixes: Prefixes | None = None
 
     @property
     def model(self) -> nn.Module:
@@ -72,9 +75,16 @@ class ModelState:
             self._model = self.build(self)
         return self._model
 
+    @property
+    def prefixes(self) -> Prefixes:
+        """The model's prefix passes, shared by every hook group scored on it."""
+        if self._prefixes is None:
+            self._prefixes = Prefixes(self.model)
+        return self._prefixes
+
     def release(self) -> None:
-        """Drop the model (not what was computed from it) once its cells are scored."""
-        self._model = None
+        """Drop the model and its prefix passes (not what was computed from them) once its cells are scored."""
+        self._model = self._prefixes = None
 
 
 @dataclass
@@ -251,20 +261,35 @@ class Artifacts:
         return state.acts[(split, str(hook))]
 
     def model_loss(self, state: ModelState) -> dict[str, float]:
-        """Next-token loss and perplexity of ``state`` on the eval split (the same tokens for every cell)."""
+        """Next-token loss and perplexity of ``state`` on the eval split (the same tokens for every cell): from a
+        splice metric's clean pass when one covered the split (``clean_loss``), else from a pass of its own."""
         if state.lm is None:
             s = self.setting
-            key = cache_key({**state.identity, "tokens": s.blocks.key, "what": "next_token_loss"})
             with self.timed(f"model loss {state.label}"):
                 self.cache.computed(
                     "lm",
-                    key,
+                    self._loss_key(state),
                     lambda tmp: next_token_loss(
                         state.model, s.blocks.eval, s.loaded.tokenizer, device=s.device, progress=self.progress
                     ),
                 )
-            state.lm = self.cache.meta("lm", key)
+            state.lm = self.cache.meta("lm", self._loss_key(state))
         return {"model_ce": state.lm["ce"], "model_ppl": state.lm["ppl"]}
+
+    def clean_loss(self, state: ModelState) -> Callable[[int, float, int], None]:
+        """A ``SpliceContext.clean_loss`` for ``state``: a clean pass over the whole eval split is its model loss,
+        cached as ``model_loss`` would cache its own (a pass over fewer blocks is ignored)."""
+
+        def take(n_blocks: int, total: float, count: int) -> None:
+            if state.lm is None and n_blocks == len(self.setting.blocks.eval) and count:
+                loss = {"ce": total / count, "ppl": math.exp(total / count), "n_predictions": count}
+                self.cache.computed("lm", self._loss_key(state), lambda tmp: loss)
+                state.lm = self.cache.meta("lm", self._loss_key(state))
+
+        return take
+
+    def _loss_key(self, state: ModelState) -> str:
+        return cache_key({**state.identity, "tokens": self.setting.blocks.key, "what": "next_token_loss"})
 
     # --- SAEs -----------------------------------------------------------------------------------------------
 

@@ -3,7 +3,7 @@ are validated against it) and a one-line ``description`` shown by ``saex plugins
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from saex.hookpoints import HookPoint
     from saex.run import Job
     from saex.sae import SAE, SAELensImport
+    from saex.splice import Prefixes
 
 
 class Component(Protocol):
@@ -115,7 +116,11 @@ class SpliceContext:
     [d] is the scored model's mean activation at the hook over its eval tokens (special tokens excluded; at
     most 100k of them, ``saex.sae.mean_activation``), for a mean-ablation baseline. ``reference_saes``: label ->
     the ``original`` SAE that label's paired differences are taken against (one of ``saes`` or not).
-    ``progress``: whether to show a progress bar (the run's ``--no-progress`` turns it off)."""
+    ``progress``: whether to show a progress bar (the run's ``--no-progress`` turns it off). ``prefixes``: the
+    model's memo of prefix passes, shared by every context on that model (the runner keeps one per model; by
+    default a new one). ``clean_loss``: called by a metric that runs the clean model over whole eval blocks with
+    (leading blocks covered, summed next-token CE, predictions), so the runner takes the model's loss from that
+    pass instead of another one."""
 
     model: torch.nn.Module
     hook: "HookPoint"
@@ -126,6 +131,19 @@ class SpliceContext:
     mean_activation: torch.Tensor | None = None
     reference_saes: dict[str, "SAE"] = field(default_factory=dict)
     progress: bool = False
+    prefixes: "Prefixes | None" = None
+    clean_loss: Callable[[int, float, int], None] | None = None
+
+    def __post_init__(self) -> None:
+        if self.prefixes is None:
+            from saex.splice import Prefixes
+
+            self.prefixes = Prefixes(self.model)
+
+    def prefix(self, ids: torch.Tensor) -> torch.Tensor:
+        """The residual stream entering the hook's layer for ``ids`` (``saex.splice.prefix``), memoized."""
+        assert self.prefixes is not None
+        return self.prefixes(ids, self.hook)
 
 
 # --- plugin kinds ----------------------------------------------------------------------------------------

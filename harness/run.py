@@ -158,12 +158,12 @@ class Runner:
 
     def prepare(self, session: Session, cells: list[Cell]) -> None:
         """Compute (or find cached) every artifact ``cells`` need, without scoring: the compressed model, its
-        activations, the cells' SAEs and the scored model's loss (the executors' artifact-graph steps)."""
+        activations and the cells' SAEs (the executors' artifact-graph steps). The scored model's loss is left to
+        scoring, whose clean CE/KL pass may already give it."""
         for cell in cells:
             target, hook = session.target(cell, self.registry), parse_hook(cell.hook)
             self._cell_sae(cell, session.artifacts, target, hook, CellResult("", "", {}, "running"))
             session.artifacts.activations(target, "eval", hook)
-            session.artifacts.model_loss(target)
 
     def score(self, session: Session, cells: list[Cell]) -> None:
         """Score ``cells``, all of one (scored model, hook), and write their rows."""
@@ -229,13 +229,22 @@ class Runner:
                 sae = self._cell_sae(cell, artifacts, target, hook, result)
                 with artifacts.timed(f"per-SAE metrics on {target.label}"):
                     values = self._sae_metrics(cell, sae, artifacts, target, hook, metrics, result)
-                result.metrics = {**values, **artifacts.model_loss(target)}
+                result.metrics = values
                 saes[cell] = sae
             except Exception as exc:
                 _fail(result, exc, self.log)
         if saes:
             with artifacts.timed(f"splice metrics on {target.label}"):
                 self._splice(saes, running, artifacts, target, hook, metrics)
+            scored = [running[cell] for cell in saes if running[cell].status == "running"]
+            try:
+                loss = artifacts.model_loss(target) if scored else {}
+            except Exception as exc:
+                for result in scored:
+                    _fail(result, exc, self.log)
+            else:
+                for result in scored:
+                    result.metrics.update(loss)
         for cell, result in running.items():
             if result.status == "running":
                 result.status = "done"
@@ -274,6 +283,8 @@ class Runner:
                 mean,
                 reference_saes={label: sae for label, sae in originals.items() if sae is not None},
                 progress=self.progress,
+                prefixes=target.prefixes,
+                clean_loss=artifacts.clean_loss(target),
             )
             return splice_metrics(metrics, ctx)
 

@@ -9,6 +9,7 @@ Qwen2 sliding window) stay right, and the model builds its masks and position em
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -25,6 +26,23 @@ def prefix(model: nn.Module, ids: torch.Tensor, hook: HookPoint) -> torch.Tensor
     """The residual stream entering the hook's layer, [batch, seq, d]; later layers are not run."""
     start = HookPoint(hook.layer, "resid_pre")
     return capture(model, ids, [start])[start]
+
+
+class Prefixes:
+    """:func:`prefix` memoized per (layer, token batch) for one model, kept on the CPU: the hooks of one layer, the
+    splice metrics and the groups scored on that model share one prefix pass per batch (same batch, same
+    values: the memo returns exactly what the pass returned)."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.found: dict[tuple, torch.Tensor] = {}
+
+    def __call__(self, ids: torch.Tensor, hook: HookPoint) -> torch.Tensor:
+        digest = hashlib.blake2b(ids.cpu().numpy().tobytes(), digest_size=16).digest()
+        key = (hook.layer, tuple(ids.shape), digest)
+        if key not in self.found:
+            self.found[key] = prefix(self.model, ids, hook).cpu()
+        return self.found[key].to(ids.device)
 
 
 class _PassThrough(nn.Module):

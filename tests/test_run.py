@@ -422,3 +422,30 @@ def test_quantized_models_rerun_from_cache_give_the_same_scores(tmp_path, regist
     finite = {k: v for k, v in first.metrics.items() if v is not None}
     assert {k: second.metrics[k] for k in finite} == pytest.approx(finite, rel=1e-6)
     assert second.details["compression"]["from_cache"] is (compression == "gptq-w4g64")
+
+
+def test_model_loss_comes_from_the_clean_ce_kl_pass_when_it_covers_the_eval_split(tmp_path, registry_file, monkeypatch):
+    """With CE/KL on every eval token the separate perplexity pass is never made, and the model loss equals the
+    one that pass gives (CE/KL on half the tokens) to 1e-6, on M and on M_c."""
+    import saex.artifacts
+
+    separate_passes = []
+    real = saex.artifacts.next_token_loss
+    monkeypatch.setattr(saex.artifacts, "next_token_loss", lambda *a, **k: separate_passes.append(1) or real(*a, **k))
+    data = yaml.safe_load(registry_file.read_text())
+    data["matrices"]["t"] |= {"hooks": ["layers.1.resid_post"], "compressions": ["mag"], "sources": ["original"]}
+    losses = {}
+    for tokens in (512, 1024):
+        data["metrics"]["cekl"]["params"]["max_tokens"] = tokens
+        (tmp_path / str(tokens)).mkdir()
+        path = tmp_path / str(tokens) / "reg.yaml"
+        path.write_text(yaml.safe_dump(data))
+        separate_passes.clear()
+        results = make_runner(tmp_path / str(tokens), path).run("t")
+        assert [r.status for r in results] == ["done", "done"]
+        losses[tokens] = {r.cell["compression"]: r.metrics for r in results}
+        assert len(separate_passes) == (2 if tokens == 512 else 0)
+    for compression, metrics in losses[1024].items():
+        assert metrics["model_ce"] == metrics["ce_clean"]
+        assert metrics["model_ce"] == pytest.approx(losses[512][compression]["model_ce"], abs=1e-6)
+        assert metrics["model_ppl"] == pytest.approx(math.exp(metrics["model_ce"]), rel=1e-12)

@@ -10,9 +10,10 @@ from torch import nn
 
 from saex.corpus import special_mask
 from saex.hookpoints import HOOK_SITES, HookPoint, spliced
+from saex.language_model import next_token_loss
 from saex.plugins.metrics.downstream import CEKL, DIFFERENCES
 from saex.protocols import SpliceContext
-from saex.splice import prefix, suffix_logits
+from saex.splice import Prefixes, prefix, suffix_logits
 
 
 class Identity(nn.Module):
@@ -138,6 +139,54 @@ def test_mean_ablation_baseline_scores_a_mean_sae_zero_and_a_perfect_one_one(tin
     assert found["mean"]["ce_mean_ablated"] == pytest.approx(found["mean"]["ce_sae"], abs=1e-6)
     # without a mean in the context there is no mean-ablation baseline
     assert "ce_loss_score_mean" not in score(tiny_llama, blocks, {"perfect": Identity()})["perfect"]
+
+
+def test_hooks_of_one_layer_share_one_prefix_pass_with_identical_metrics(tiny_llama, blocks):
+    """Every hook of layer 1 scored through one memo: one prefix pass per batch, the very numbers of a fresh
+    prefix per hook."""
+    shared, saes = Prefixes(tiny_llama.model), {"half": Scaled(), "zero": Zero()}
+    params = CEKL.Params(max_tokens=10_000, batch_blocks=3)
+    for site in HOOK_SITES:
+        hook = HookPoint(1, site)
+        args = (tiny_llama.model, hook, blocks, tiny_llama.tokenizer, torch.device("cpu"), saes)
+        alone = CEKL().compute_spliced(SpliceContext(*args), params)
+        assert CEKL().compute_spliced(SpliceContext(*args, prefixes=shared), params) == alone, site
+    assert len(shared.found) == 2  # two batches (3 + 1 blocks) of one layer, whatever the hook
+    other = CEKL().compute_spliced(
+        SpliceContext(
+            tiny_llama.model,
+            HookPoint(2, "resid_post"),
+            blocks,
+            tiny_llama.tokenizer,
+            torch.device("cpu"),
+            saes,
+            prefixes=shared,
+        ),
+        params,
+    )
+    assert len(shared.found) == 4 and other["half"]["ce_clean"] == alone["half"]["ce_clean"]
+
+
+@pytest.mark.parametrize("batch_blocks", [1, 3])
+def test_the_clean_pass_gives_the_model_loss_of_a_separate_pass(tiny_llama, blocks, batch_blocks):
+    """``clean_loss`` receives the clean pass's summed CE over the blocks it covered: the separate perplexity
+    pass's loss to 1e-6, so the runner need not make that pass."""
+    received = []
+    ctx = SpliceContext(
+        tiny_llama.model,
+        HOOK,
+        blocks,
+        tiny_llama.tokenizer,
+        torch.device("cpu"),
+        {"half": Scaled()},
+        clean_loss=lambda *args: received.append(args),
+    )
+    found = CEKL().compute_spliced(ctx, CEKL.Params(max_tokens=10_000, batch_blocks=batch_blocks))["half"]
+    separate = next_token_loss(tiny_llama.model, blocks, tiny_llama.tokenizer, device=torch.device("cpu"))
+    ((n_blocks, total, count),) = received
+    assert n_blocks == len(blocks) and count == separate["n_predictions"] == found["ce_tokens"]
+    assert total / count == pytest.approx(separate["ce"], abs=1e-6)
+    assert found["ce_clean"] == pytest.approx(separate["ce"], abs=1e-6)
 
 
 # --- bootstrap intervals over eval blocks and paired differences --------------------------------------------

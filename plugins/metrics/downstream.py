@@ -36,7 +36,6 @@ from saex import (
     Statistic,
     hookimpl,
     point,
-    prefix,
     sae_transform,
     special_mask,
     suffix_logits,
@@ -52,20 +51,8 @@ class _Pooled:
     def __init__(self, n_blocks: int) -> None:
         self.sums = BlockSums(n_blocks)
 
-    def add(
-        self,
-        logp: torch.Tensor,
-        clean_logp: torch.Tensor,
-        clean_p: torch.Tensor,
-        has_target: torch.Tensor,
-        targets: torch.Tensor,
-        blocks: torch.Tensor,
-    ) -> None:
-        """``logp``/``clean_logp``: [n, vocab] at the scored positions, ``clean_p`` = ``clean_logp.exp()``;
-        ``has_target`` [n] marks the rows that predict ``targets``; ``blocks`` [n] is each row's eval block."""
-        ce = F.nll_loss(logp[has_target], targets, reduction="none")
-        kl = (clean_p * (clean_logp - logp)).sum(dim=-1)
-        for name, values, rows in (("ce", ce, blocks[has_target]), ("kl", kl, blocks)):
+    def add(self, ce: torch.Tensor, kl: torch.Tensor, batch: _Batch) -> None:
+        for name, values, rows in (("ce", ce, batch.ce_blocks), ("kl", kl, batch.kl_blocks)):
             self.sums.add(name, values, rows)
             self.sums.add(f"n_{name}", torch.ones_like(values), rows)
 
@@ -78,6 +65,37 @@ class _Pooled:
     def count(self, name: str) -> float:
         """Tokens ``name`` ("ce" or "kl") is pooled over."""
         return float(self.sums.sums[f"n_{name}"].sum())
+
+
+class _Batch:
+    """One batch of eval blocks and its clean run, which every variant is compared with. Log-probabilities are
+    taken at every position of the batch, [batch * seq, vocab], and the per-token losses picked out afterwards:
+    no [tokens, vocab] copy per variant. KL(p || q) = sum p log p - sum p log q, the first term once per batch."""
+
+    def __init__(self, ids: torch.Tensor, first_block: int, tokenizer) -> None:
+        scored = ~special_mask(ids, tokenizer)
+        predicts = scored.clone()
+        predicts[:, -1] = False
+        self.scored = scored
+        self.rows = scored.flatten().nonzero().squeeze(1)  # positions with a distribution (KL)
+        self.predict_rows = predicts.flatten().nonzero().squeeze(1)  # ... and a next token (CE)
+        self.targets = ids.roll(-1, dims=1).flatten()[self.predict_rows]
+        blocks = (first_block + torch.arange(len(ids), device=ids.device)).unsqueeze(1).expand(ids.shape).flatten()
+        self.ce_blocks, self.kl_blocks = blocks[self.predict_rows].cpu(), blocks[self.rows].cpu()
+        self.clean_p: torch.Tensor | None = None
+        self.clean_negentropy: torch.Tensor | None = None
+
+    def set_clean(self, logp: torch.Tensor) -> None:
+        self.clean_p = logp.exp()
+        self.clean_negentropy = torch.linalg.vecdot(self.clean_p, logp)
+
+    def losses(self, logp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token CE at the predicting positions and KL(clean || this) at the scored ones, for ``logp``
+        [batch * seq, vocab] of one variant (the clean one included: its KL is exactly 0)."""
+        assert self.clean_p is not None and self.clean_negentropy is not None
+        ce = -logp[self.predict_rows, self.targets]
+        kl = (self.clean_negentropy - torch.linalg.vecdot(self.clean_p, logp))[self.rows]
+        return ce, kl
 
 
 def _score(worse: torch.Tensor, better: torch.Tensor, best: torch.Tensor | float) -> torch.Tensor:
@@ -235,24 +253,22 @@ class CEKL:
         desc = f"CE/KL {ctx.hook}: {len(variants) + 1} passes per batch"
         for start in tqdm(batches, desc=desc, unit="batch", leave=False, disable=not ctx.progress):
             ids = blocks[start : start + params.batch_blocks].to(ctx.device)
-            scored = ~special_mask(ids, ctx.tokenizer)
-            predicts = scored.clone()
-            predicts[:, -1] = False
-            has_target = predicts[scored]
-            targets = ids[:, 1:][predicts[:, :-1]]
-            row_blocks = (start + torch.arange(len(ids))).unsqueeze(1).expand(scored.shape)[scored.cpu()]
-            hidden = prefix(ctx.model, ids, ctx.hook)
+            batch, hidden = _Batch(ids, start, ctx.tokenizer), ctx.prefix(ids)
 
-            def logp(fn, mask, hidden=hidden, scored=scored) -> torch.Tensor:
+            def logp(fn, mask, hidden=hidden) -> torch.Tensor:
                 logits = suffix_logits(ctx.model, hidden, ctx.hook, fn, mask)
-                return F.log_softmax(logits[scored].float(), dim=-1)
+                return F.log_softmax(logits.flatten(0, 1).float(), dim=-1)
 
             clean = logp(None, None)
-            clean_p = clean.exp()  # once per batch, not per variant
-            pooled["clean"].add(clean, clean, clean_p, has_target, targets, row_blocks)
+            batch.set_clean(clean)
+            pooled["clean"].add(*batch.losses(clean), batch)
+            del clean
             for name, fn in variants.items():
-                mask = None if name == "ablated" and params.ablate_at == "all" else scored
-                pooled[name].add(logp(fn, mask), clean, clean_p, has_target, targets, row_blocks)
+                mask = None if name == "ablated" and params.ablate_at == "all" else batch.scored
+                pooled[name].add(*batch.losses(logp(fn, mask)), batch)
+        if ctx.clean_loss is not None:
+            sums = pooled["clean"].sums.sums
+            ctx.clean_loss(n_blocks, float(sums["ce"].sum()), int(sums["n_ce"].sum()))
         bootstrap, results = Bootstrap(n_blocks, params), {}
         for label in ctx.saes:
             mine = _statistics(pooled, label)
