@@ -36,6 +36,7 @@ from saex.compressed import compress_verified
 from saex.corpus import TokenBlocks
 from saex.hookpoints import HookPoint
 from saex.language_model import next_token_loss
+from saex.precision import in_precision
 from saex.pretrained import LoadedRef
 from saex.protocols import ActivationSource, CompressionContext, Compressor, LoadedModel, SAEArchitecture, SAEPruner
 from saex.registry import MatrixEntry, Resolved, SAEEntry
@@ -156,7 +157,11 @@ class Artifacts:
             log,
         )
         loaded = setting.loaded
-        self.base = ModelState({"model": loaded.fingerprint, "dtype": setting.matrix.dtype}, lambda _: loaded.model)
+        precision = setting.matrix.precision
+        self.base = ModelState(
+            {"model": loaded.fingerprint, "dtype": precision},
+            lambda _: in_precision(loaded.model, precision, copy_first=True),
+        )
         self._saes: dict[str, SAEArtifact] = {}
         self.record = record  # (phase, seconds) of each timed phase, for the store
         self._inner: list[float] = []  # seconds of phases nested in the open ones, so none is counted twice
@@ -207,7 +212,7 @@ class Artifacts:
 
     def _unchanged(self, compression: Resolved[Compressor]) -> bool:
         try:
-            return compression.component.expectation(self.base.model, compression.params).unchanged
+            return compression.component.expectation(self.setting.loaded.model, compression.params).unchanged
         except Exception:  # a bad parameter fails this compression's cells later, with its own message
             return False
 
@@ -220,8 +225,8 @@ class Artifacts:
             with self.timed(f"compress {compression.name}"):
                 compressed = compress_verified(
                     self.cache,
-                    self.base.model,
-                    self.base.identity,
+                    s.loaded.model,  # float32: the reference every compression starts from
+                    {"model": s.loaded.fingerprint, "dtype": "float32"},
                     compression.name,
                     compression.component,
                     compression.params,
@@ -235,7 +240,7 @@ class Artifacts:
             self.log(state.error)
             raise
         state.details = compressed.details
-        return compressed.model
+        return in_precision(compressed.model, s.matrix.precision, copy_first=False)
 
     # --- activations and model loss ---------------------------------------------------------------------------
 

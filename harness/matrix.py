@@ -48,7 +48,8 @@ class Cell:
             "pruner": registry.component("pruners", source.pruner).identity() if source.kind == "pruned" else None,
             "corpus": registry.component("corpora", matrix.corpus).identity(),
             "metrics": {m: registry.component("metrics", m).identity() for m in matrix.metrics},
-            "run": matrix.model_dump(include={"tokens", "block_size", "seed", "dtype"}),
+            # precision is keyed as "dtype", its name before, so results from then keep their keys
+            "run": {**matrix.model_dump(include={"tokens", "block_size", "seed"}), "dtype": matrix.precision},
         }
         loaded = registry.loaded_sae(self.matrix, self.source)
         if loaded is not None:

@@ -82,7 +82,11 @@ class MatrixEntry(Strict):
     block_size: int = Field(128, ge=8)
     seed: int = 0
     device: str = Field("auto", pattern=DEVICE_PATTERN, description="auto, cpu, cuda, cuda:<index> or mps")
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    precision: Literal["float32", "bfloat16"] = Field(
+        "float32",
+        description="dtype of the model passes (collection, model loss, splicing); compression runs in float32, "
+        "SAEs compute in their own dtype (docs/PERFORMANCE.md: the deviation bfloat16 causes)",
+    )
 
     @field_validator("models", "compressions", "hooks", "saes", "sources", "metrics")
     @classmethod

@@ -445,6 +445,8 @@ def markdown(
     parts = [f"## {title}", ""] + ([note, ""] if note else [])
     if not results:
         return "\n".join(parts + ["No results yet."]) + "\n"
+    if bf16 := precision_note(results):
+        parts += [bf16, ""]
     printed: set[str] = set()
 
     def notes(names: Iterable[str]) -> list[str]:
@@ -515,6 +517,17 @@ PHASES_NOTE = (
     "its own, mostly cache reads); a phase nested in another (M_c built while collecting its activations) "
     "counts once, as itself."
 )
+
+
+def precision_note(results: list[CellResult]) -> str:
+    """A warning when model passes of some cells ran in bfloat16 (the matrix's ``precision``), else ''."""
+    bf16 = sum(r.config.get("resolved", {}).get("run", {}).get("dtype") == "bfloat16" for r in results)
+    if not bf16:
+        return ""
+    return (
+        f"**bfloat16**: the model passes of {bf16} of {len(results)} cells ran in bfloat16 (the matrix's "
+        "`precision`); float32 is the reference, docs/PERFORMANCE.md gives the deviation."
+    )
 
 
 def phase_table(phases: list[tuple[str, str, float, int]]) -> str:

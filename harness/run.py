@@ -28,6 +28,7 @@ from saex.matrix import BASE, Cell, expand
 from saex.models import resolve_device
 from saex.per_latent import KIND as PER_LATENT
 from saex.per_latent import store_per_latent
+from saex.precision import unsupported
 from saex.protocols import Corpus, Executor, LoadedModel, Metric, MetricContext, ModelSource, SpliceContext
 from saex.registry import ComponentEntry, MatrixEntry, Registry, RegistryError, Resolved
 from saex.sae import SAE, mean_activation
@@ -118,6 +119,8 @@ class Runner:
         depth, layout, the corpus under its tokenizer) before anything is computed, reported like a registry
         error."""
         matrix = self.registry.matrix(name)
+        if reason := unsupported(matrix.precision, device):
+            raise self._bad_input(name, f"matrices.{name}.precision", f"{matrix.precision!r}: {reason}")
         resolved: Resolved[ModelSource] = self.registry.component("models", model)
         start = time.perf_counter()
         try:
@@ -128,8 +131,6 @@ class Runner:
                 f"models.{model}.params",
                 f"cannot build the model: {type(exc).__name__}: {exc}",
             ) from None
-        if matrix.dtype == "bfloat16":
-            loaded.model.to(torch.bfloat16)
         hooks = [parse_hook(h) for h in matrix.hooks]
         for index, hook in enumerate(hooks):
             try:
