@@ -33,10 +33,16 @@ class Matching:
 
 
 def hungarian(a: torch.Tensor, b: torch.Tensor) -> Matching:
-    """The one-to-one matching of the rows of ``a`` to rows of ``b`` with the largest summed cosine."""
+    """The one-to-one matching of the rows of ``a`` to rows of ``b`` with the largest summed cosine. When every
+    row's best partner is a different row of ``b`` (an SAE against its pruned or fine-tuned self, mostly), that
+    is the matching: no one-to-one matching sums more than the row maxima. Otherwise scipy solves it."""
     similarity = cosines(a, b).cpu()
-    rows, cols = linear_sum_assignment(similarity.numpy(), maximize=True)
-    rows, cols = torch.from_numpy(rows.astype(np.int64)), torch.from_numpy(cols.astype(np.int64))
+    best = similarity.argmax(dim=1)
+    if len(a) <= len(b) and len(best.unique()) == len(a):
+        rows, cols = torch.arange(len(a)), best
+    else:
+        found = linear_sum_assignment(similarity.numpy(), maximize=True)
+        rows, cols = (torch.from_numpy(index.astype(np.int64)) for index in found)
     partner = torch.full((len(a),), -1, dtype=torch.long)
     cosine = torch.zeros(len(a))
     partner[rows], cosine[rows] = cols, similarity[rows, cols]

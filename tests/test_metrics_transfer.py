@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from saex.activations import TensorActivations
-from saex.alignment import best_cosines, hungarian
+from saex.alignment import best_cosines, cosines, hungarian
 from saex.plugins.metrics.transfer import Transfer
 from saex.plugins.sae.relu import ReLUSAE
 from saex.plugins.sae.topk import TopKSAE
@@ -159,6 +159,26 @@ def test_hungarian_matches_one_to_one_where_best_cosine_does_not():
     # row 1 takes reference 0 (cosine 0.995); row 0 is left reference 1 (0.0995), not -0.0995 the other way
     assert matching.partner.tolist() == [1, 0, 2]
     assert matching.cosine.tolist() == pytest.approx([0.1 / 1.01**0.5, 1 / 1.01**0.5, 1])
+
+
+@pytest.mark.parametrize("noise", [0.05, 3.0])  # each row's best partner distinct (no solver needed), or not
+def test_hungarian_sums_what_scipy_does_with_or_without_the_row_maximum_shortcut(noise):
+    from scipy.optimize import linear_sum_assignment
+
+    g = torch.Generator().manual_seed(1)
+    b = torch.randn(300, 16, generator=g)
+    perm = torch.randperm(300, generator=g)
+    a = b[perm] + noise * torch.randn(300, 16, generator=g)
+    similarity = cosines(a, b)
+    rows, cols = linear_sum_assignment(similarity.numpy(), maximize=True)
+    matching = hungarian(a, b)
+    assert len(matching.partner.unique()) == 300
+    assert matching.cosine.sum().item() == pytest.approx(similarity.numpy()[rows, cols].sum(), abs=1e-4)
+    assert torch.equal(matching.cosine, similarity[torch.arange(300), matching.partner])
+    if noise < 1:
+        assert torch.equal(matching.partner, perm)
+    else:
+        assert len(similarity.argmax(dim=1).unique()) < 300  # the solver's case
 
 
 def test_alignment_of_a_narrower_or_wider_sae_leaves_extra_latents_unmatched():
