@@ -14,7 +14,7 @@ from saex.corpus import token_blocks
 from saex.hookpoints import HookPoint
 from saex.manager import load_plugins
 from saex.plugins.corpora.files import LocalFiles
-from saex.registry import load_registry
+from saex.registry import MatrixEntry, load_registry
 from saex.sources import parse_source
 
 HOOK = HookPoint(1, "resid_post")
@@ -46,7 +46,7 @@ def _artifacts(tmp_path, tiny_llama, text_corpus, registry) -> Artifacts:
         budgets,
         progress=False,
     )
-    matrix = type("M", (), {"seed": 0, "dtype": "float32"})()
+    matrix = MatrixEntry(models=[], corpus="", compressions=[], hooks=[], saes=[], metrics=[])
     setting = Setting(matrix, tiny_llama, blocks, [HOOK], torch.device("cpu"))
     plugins = load_plugins(entry_points=False)
     architectures = {n: plugins.get("sae", n) for n in plugins.names("sae")}

@@ -74,7 +74,8 @@ def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 class _Batch:
     """One batch of eval blocks and its clean run, which every variant is compared with. Log-probabilities are
     taken at every position of the batch, [batch * seq, vocab], and the per-token losses picked out afterwards:
-    no [tokens, vocab] copy per variant. KL(p || q) = sum p log p - sum p log q, the first term once per batch."""
+    no [tokens, vocab] copy per variant. KL(p || q) = sum p log p - sum p log q (clamped at 0), the first term
+    once per batch."""
 
     def __init__(self, ids: torch.Tensor, first_block: int, tokenizer) -> None:
         scored = ~special_mask(ids, tokenizer)
@@ -98,7 +99,8 @@ class _Batch:
         [batch * seq, vocab] of one variant (the clean one included: its KL is exactly 0)."""
         assert self.clean_p is not None and self.clean_negentropy is not None
         ce = -logp[self.predict_rows, self.targets]
-        kl = (self.clean_negentropy - _row_dot(self.clean_p, logp))[self.rows]
+        # KL >= 0 exactly; the difference of two sums of ~entropy size leaves rounding of either sign (~1e-7)
+        kl = (self.clean_negentropy - _row_dot(self.clean_p, logp))[self.rows].clamp_min_(0.0)
         return ce, kl
 
 
