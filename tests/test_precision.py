@@ -15,7 +15,7 @@ from saex.spine_outputs import declared_outputs
 from saex.store import ResultsStore
 
 BF16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
-# docs/PERFORMANCE.md ("bfloat16 model passes"): relative on losses and explained variance, absolute on scores
+# docs/PERFORMANCE.md ("bfloat16 against float32"): relative on losses and explained variance, absolute on scores
 REL_LOSS, REL_EV, ABS_KL_SCORE = 1e-3, 0.01, 0.005
 
 
