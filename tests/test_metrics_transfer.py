@@ -2,6 +2,7 @@
 is matched back exactly, latents silenced, moved or created on "M_c" land in their survival class, and the
 streaming top-k equals the top-k over all tokens."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -115,6 +116,22 @@ def test_half_the_latents_zeroed_are_dead_and_the_rest_intact():
         pairs.add(f[i : i + 37], zeroed[i : i + 37])
     classes = classify(pairs.per_latent(), SurvivalParams())
     assert classes[::2].tolist() == [Survival.DEAD] * 32 and classes[1::2].tolist() == [Survival.INTACT] * 32
+
+
+def test_streamed_pair_statistics_equal_the_direct_ones_over_all_tokens():
+    """Correlation, densities and frequency ratio from the sparse streaming sums, against numpy over every token."""
+    g = torch.Generator().manual_seed(6)
+    a = torch.rand(300, 12, generator=g) * (torch.rand(300, 12, generator=g) < 0.3)
+    b = (a + 0.3 * torch.rand(300, 12, generator=g)) * (torch.rand(300, 12, generator=g) < 0.6)
+    pairs = LatentPairs(12, top_k=4)
+    for i in range(0, 300, 41):
+        pairs.add(a[i : i + 41], b[i : i + 41])
+    found = pairs.per_latent()
+    a64, b64 = a.double().numpy(), b.double().numpy()
+    corr = [np.corrcoef(a64[:, j], b64[:, j])[0, 1] for j in range(12)]
+    np.testing.assert_allclose(found["act_corr"].numpy(), corr, rtol=1e-12, atol=1e-12)
+    np.testing.assert_array_equal(found["density_m"].numpy(), (a64 != 0).mean(0))
+    np.testing.assert_array_equal(found["freq_ratio"].numpy(), (b64 != 0).mean(0) / (a64 != 0).mean(0))
 
 
 def test_running_top_k_equals_the_top_k_over_all_tokens():
