@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny random Llama, a small corpus of real English text, one-thread torch."""
+"""Shared fixtures: a tiny random Llama, a small corpus of real English text, one-thread torch; and the registry
+sections of the tests that run a matrix on a 3-layer tiny Llama."""
 
 from __future__ import annotations
 
@@ -123,3 +124,20 @@ def install_distribution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
         return site
 
     return install
+
+
+def tiny3_sections(text_corpus: Path, training_tokens: int) -> dict:
+    """Registry sections shared by the tests that run a matrix on a 3-layer tiny Llama ("tiny3") over
+    ``text_corpus`` ("docs"): magnitude 50% ("mag") and a TopK SAE with 16 latents, k 8 ("small")."""
+    return {
+        "models": {"tiny3": {"plugin": "tiny-llama", "params": {"num_hidden_layers": 3}}},
+        "corpora": {"docs": {"plugin": "files", "params": {"paths": [str(text_corpus / "*.txt")]}}},
+        "compressions": {"mag": {"plugin": "magnitude", "params": {"sparsity": 0.5}}},
+        "saes": {
+            "small": {
+                "plugin": "topk",
+                "params": {"expansion_factor": 2, "k": 8},
+                "training": {"tokens": training_tokens, "batch_size": 256, "lr": 0.003},
+            }
+        },
+    }

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import tiny3_sections
 from safetensors.torch import load_file, save_file
 
 from saex.cli import main
@@ -54,16 +55,7 @@ def sparsify_release(root: Path) -> Path:
 
 def registry(tmp_path: Path, text_corpus: Path, sources: list[str], **extra: object) -> Path:
     data: dict = {
-        "models": {"tiny3": {"plugin": "tiny-llama", "params": {"num_hidden_layers": 3}}},
-        "corpora": {"docs": {"plugin": "files", "params": {"paths": [str(text_corpus / "*.txt")]}}},
-        "compressions": {"mag": {"plugin": "magnitude", "params": {"sparsity": 0.5}}},
-        "saes": {
-            "small": {
-                "plugin": "topk",
-                "params": {"expansion_factor": 2, "k": 8},
-                "training": {"tokens": 2048, "batch_size": 256, "lr": 0.003},
-            }
-        },
+        **tiny3_sections(text_corpus, 2048),
         "pruners": {"mag": {"plugin": "magnitude"}},
         "metrics": {
             "rec": {"plugin": "reconstruction"},

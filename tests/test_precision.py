@@ -4,6 +4,7 @@ same float32 compression, as results of their own; refused (exit 2) where the CP
 import pytest
 import torch
 import yaml
+from conftest import tiny3_sections
 
 from saex.cache import Cache
 from saex.cli import main
@@ -21,16 +22,7 @@ REL_LOSS, REL_EV, ABS_KL_SCORE = 1e-3, 0.01, 0.005
 
 def registry(tmp_path, text_corpus, precision: str):
     data = {
-        "models": {"tiny3": {"plugin": "tiny-llama", "params": {"num_hidden_layers": 3}}},
-        "corpora": {"docs": {"plugin": "files", "params": {"paths": [str(text_corpus / "*.txt")]}}},
-        "compressions": {"mag": {"plugin": "magnitude", "params": {"sparsity": 0.5}}},
-        "saes": {
-            "small": {
-                "plugin": "topk",
-                "params": {"expansion_factor": 2, "k": 8},
-                "training": {"tokens": 4096, "batch_size": 256, "lr": 0.003},
-            }
-        },
+        **tiny3_sections(text_corpus, 4096),
         "metrics": {"rec": {"plugin": "reconstruction"}, "cekl": {"plugin": "ce_kl", "params": {"max_tokens": 1024}}},
         "matrices": {
             "t": {

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import tiny3_sections
 
 from saex.cache import Cache
 from saex.cli import main
@@ -26,18 +27,10 @@ FIXTURES = Path(__file__).parent / "fixtures"
 @pytest.fixture
 def registry_file(tmp_path, text_corpus):
     data = {
-        "models": {"tiny3": {"plugin": "tiny-llama", "params": {"num_hidden_layers": 3}}},
-        "corpora": {"docs": {"plugin": "files", "params": {"paths": [str(text_corpus / "*.txt")]}}},
+        **tiny3_sections(text_corpus, 4096),
         "compressions": {
             "id": {"plugin": "none"},
             "mag": {"plugin": "magnitude", "params": {"sparsity": 0.5}},
-        },
-        "saes": {
-            "small": {
-                "plugin": "topk",
-                "params": {"expansion_factor": 2, "k": 8},
-                "training": {"tokens": 4096, "batch_size": 256, "lr": 0.003},
-            }
         },
         "metrics": {
             "rec": {"plugin": "reconstruction"},
