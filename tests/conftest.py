@@ -141,3 +141,18 @@ def tiny3_sections(text_corpus: Path, training_tokens: int) -> dict:
             }
         },
     }
+
+
+def tiny3_matrix(**fields: object) -> dict:
+    """A matrix over ``tiny3_sections``: magnitude 50%, layer 1's residual stream, the "small" SAE, blocks of 64
+    tokens on the CPU; ``fields`` add to it or replace its fields."""
+    return {
+        "models": ["tiny3"],
+        "corpus": "docs",
+        "compressions": ["mag"],
+        "hooks": ["layers.1.resid_post"],
+        "saes": ["small"],
+        "block_size": 64,
+        "device": "cpu",
+        **fields,
+    }

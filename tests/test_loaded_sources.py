@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import tiny3_sections
+from conftest import tiny3_matrix, tiny3_sections
 from safetensors.torch import load_file, save_file
 
 from saex.cli import main
@@ -63,18 +63,11 @@ def registry(tmp_path: Path, text_corpus: Path, sources: list[str], **extra: obj
             "cekl": {"plugin": "ce_kl", "params": {"max_tokens": 256}},
         },
         "matrices": {
-            "t": {
-                "models": ["tiny3"],
-                "corpus": "docs",
-                "compressions": ["mag"],
-                "hooks": ["layers.1.resid_post"],
-                "saes": ["small"],
-                "sources": sources,
-                "metrics": ["rec", "tr", "cekl"],
-                "block_size": 64,
-                "device": "cpu",
-                "tokens": {"train": 2048, "calibration": 512, "eval": 512},
-            }
+            "t": tiny3_matrix(
+                sources=sources,
+                metrics=["rec", "tr", "cekl"],
+                tokens={"train": 2048, "calibration": 512, "eval": 512},
+            )
         },
     }
     for section, value in extra.items():

@@ -4,7 +4,7 @@ same float32 compression, as results of their own; refused (exit 2) where the CP
 import pytest
 import torch
 import yaml
-from conftest import tiny3_sections
+from conftest import tiny3_matrix, tiny3_sections
 
 from saex.cache import Cache
 from saex.cli import main
@@ -25,19 +25,12 @@ def registry(tmp_path, text_corpus, precision: str):
         **tiny3_sections(text_corpus, 4096),
         "metrics": {"rec": {"plugin": "reconstruction"}, "cekl": {"plugin": "ce_kl", "params": {"max_tokens": 1024}}},
         "matrices": {
-            "t": {
-                "models": ["tiny3"],
-                "corpus": "docs",
-                "compressions": ["mag"],
-                "hooks": ["layers.1.resid_post"],
-                "saes": ["small"],
-                "sources": ["original", "retrained"],
-                "metrics": ["rec", "cekl"],
-                "block_size": 64,
-                "device": "cpu",
-                "precision": precision,
-                "tokens": {"train": 4096, "calibration": 512, "eval": 1024},
-            }
+            "t": tiny3_matrix(
+                sources=["original", "retrained"],
+                metrics=["rec", "cekl"],
+                precision=precision,
+                tokens={"train": 4096, "calibration": 512, "eval": 1024},
+            )
         },
     }
     path = tmp_path / f"{precision}.yaml"

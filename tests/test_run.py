@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import tiny3_sections
+from conftest import tiny3_matrix, tiny3_sections
 
 from saex.cache import Cache
 from saex.cli import main
@@ -38,17 +38,12 @@ def registry_file(tmp_path, text_corpus):
             "cekl": {"plugin": "ce_kl", "params": {"max_tokens": 512}},
         },
         "matrices": {
-            "t": {
-                "models": ["tiny3"],
-                "corpus": "docs",
-                "compressions": ["id", "mag"],
-                "hooks": ["layers.1.resid_post", "layers.0.mlp_out"],
-                "saes": ["small"],
-                "metrics": ["rec", "tr", "cekl"],
-                "block_size": 64,
-                "device": "cpu",
-                "tokens": {"train": 4096, "calibration": 512, "eval": 1024},
-            }
+            "t": tiny3_matrix(
+                compressions=["id", "mag"],
+                hooks=["layers.1.resid_post", "layers.0.mlp_out"],
+                metrics=["rec", "tr", "cekl"],
+                tokens={"train": 4096, "calibration": 512, "eval": 1024},
+            )
         },
     }
     path = tmp_path / "reg.yaml"
