@@ -90,13 +90,14 @@ class LatentPairs:
         self.top_b.add(b, self.n)
         # the sums run over the nonzero entries only (a latent code is sparse): the same float64 sums as over
         # every token, without [n, d_sae] float64 copies (4x faster)
-        for code, s, ss, fired in ((a, self.sa, self.saa, self.fa), (b, self.sb, self.sbb, self.fb)):
-            rows, latents = (code != 0).nonzero(as_tuple=True)
+        on_a, on_b = a != 0, b != 0
+        for code, on, s, ss, fired in ((a, on_a, self.sa, self.saa, self.fa), (b, on_b, self.sb, self.sbb, self.fb)):
+            rows, latents = on.nonzero(as_tuple=True)
             values = code[rows, latents].double()
             s.index_add_(0, latents, values)
             ss.index_add_(0, latents, values * values)
             fired.index_add_(0, latents, torch.ones_like(values))
-        rows, latents = ((a != 0) & (b != 0)).nonzero(as_tuple=True)
+        rows, latents = (on_a & on_b).nonzero(as_tuple=True)
         self.sab.index_add_(0, latents, a[rows, latents].double() * b[rows, latents].double())
         self.n += len(a)
 
