@@ -16,14 +16,14 @@ import time
 import torch
 
 from saex.cli import PROJECT_REGISTRY
-from saex.corpus import pack
-from saex.language_model import next_token_loss
-from saex.manager import load_plugins
+from saex.config.registry import load_registry
+from saex.data.corpus import pack
+from saex.model.language_model import next_token_loss
+from saex.model.verify import clone_weights, linear_layers, verify
+from saex.plugin.manager import load_plugins
+from saex.plugin.protocols import CompressionContext, NoParams
 from saex.plugins.corpora.kjv import KJV
 from saex.plugins.models.embedded import SMOLLM2
-from saex.protocols import CompressionContext, NoParams
-from saex.registry import load_registry
-from saex.verify import clone_weights, linear_layers, verify
 
 
 def main(names: list[str]) -> None:

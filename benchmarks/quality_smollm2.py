@@ -19,15 +19,15 @@ from pathlib import Path
 
 import torch
 
-from saex.activations import TensorActivations, collect_activations
-from saex.assets import saex_home
-from saex.cache import Cache
-from saex.corpus import token_blocks
-from saex.hookpoints import parse_hook
-from saex.manager import load_plugins
-from saex.protocols import MetricContext
-from saex.registry import load_registry
-from saex.training import train_sae
+from saex.config.registry import load_registry
+from saex.data.corpus import token_blocks
+from saex.model.activations import TensorActivations, collect_activations
+from saex.model.hookpoints import parse_hook
+from saex.plugin.manager import load_plugins
+from saex.plugin.protocols import MetricContext
+from saex.sae.training import train_sae
+from saex.storage.cache import Cache
+from saex.storage.home import saex_home
 
 PROJECT_REGISTRY = Path(__file__).resolve().parent.parent / "registry.yaml"
 TOKENS = {"train": 409_600, "calibration": 8192, "eval": 32_768}  # block budgets; --train-blocks takes a prefix

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from benchmarks.conftest import best_of
-from saex.hookpoints import capture, parse_hook
+from saex.model.hookpoints import capture, parse_hook
 
 
 @pytest.mark.parametrize("hook", ["layers.3.resid_post", "layers.9.resid_post", "layers.20.resid_post"])

@@ -1,16 +1,16 @@
 """The harness's model passes against the bare forward passes they are built on, on SmolLM2-135M (fp32, CPU),
 with real KJV token blocks (128 tokens each). Only same-run ratios are reported (the machine may be shared):
 
-- activation collection (``saex.activations.collect_activations``: early-stopped pass, special-token
+- activation collection (``saex.model.activations.collect_activations``: early-stopped pass, special-token
   filtering, finiteness check, safetensors shards in a fresh cache) against a bare early-exit forward
-  (``saex.hookpoints.capture(..., stop_early=True)``) over the same 32 blocks in the same batches of 8; once
+  (``saex.model.hookpoints.capture(..., stop_early=True)``) over the same 32 blocks in the same batches of 8; once
   for one hook (layers.9.resid_post) and once for two hooks of that layer collected in one pass
   (layers.9.mlp_out and layers.9.resid_post) against one bare forward to layers.9.resid_post.
   Target: collection >= 95% of the bare forward's tokens/s.
 - CE/KL (the ``ce_kl`` splice metric, ``CEKL.compute_spliced``) at layers.9.resid_post on 16 blocks, batches
   of 4, with 2 untrained TopK SAEs and a mean activation: 1 clean + 2 baselines (zero and mean ablation)
   + 2 SAEs = 5 suffix passes per batch, against a bare suffix forward
-  (``saex.splice.suffix_logits(model, hidden, hook, None, None)``) over the same blocks and batches.
+  (``saex.model.splice.suffix_logits(model, hidden, hook, None, None)``) over the same blocks and batches.
   The prefix passes (layers before the hook, once per batch) are run beforehand into the context's prefix memo,
   as the runner shares them between the splice metrics of a model, and timed separately. Bootstrap resamples
   are set to 10 to keep the intervals' cost out. Target: CE/KL's tokens/s per suffix pass >= 90% of the bare
@@ -27,15 +27,16 @@ import pytest
 import torch
 
 from benchmarks.conftest import best_of
-from saex.activations import collect_activations
-from saex.cache import Cache
-from saex.corpus import pack, special_mask
-from saex.hookpoints import capture, parse_hook
-from saex.manager import load_plugins
+from saex.data.corpus import pack, special_mask
+from saex.model.activations import collect_activations
+from saex.model.hookpoints import capture, parse_hook
+from saex.model.splice import Prefixes, prefix, suffix_logits
+from saex.plugin.manager import load_plugins
+from saex.plugin.protocols import NoParams
 from saex.plugins.corpora.kjv import KJV
 from saex.plugins.metrics.downstream import CEKL
-from saex.protocols import NoParams, SpliceContext
-from saex.splice import Prefixes, prefix, suffix_logits
+from saex.sae.splice_context import SpliceContext
+from saex.storage.cache import Cache
 
 BLOCK_SIZE = 128
 COLLECT_BLOCKS, COLLECT_BATCH = 32, 8

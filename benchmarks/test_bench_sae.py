@@ -22,8 +22,8 @@ import pytest
 import torch
 
 from benchmarks.conftest import best_of
-from saex.manager import load_plugins
-from saex.sae import SAE
+from saex.plugin.manager import load_plugins
+from saex.sae.base import SAE
 
 D_IN, D_SAE, BATCH, K = 576, 8192, 4096, 32
 SPARSE = {"topk", "batchtopk"}  # architectures whose training needs only the encoder forward to be dense

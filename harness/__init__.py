@@ -6,35 +6,40 @@ or third-party, import only from ``saex``: the hook marker, one Protocol per plu
 to plugins, the SAE base class and the helpers a plugin of each kind needs (docs/PLUGINS.md).
 """
 
-__version__ = "0.1.0"
-
-
-from saex.alignment import best_cosines, hungarian
-from saex.assets import gemma3_dir, kjv_chapters, kjv_jsonl, smollm2_dir
-from saex.bootstrap import BlockSums, Bootstrap, BootstrapParams, Statistic, point, with_uncertainty
-from saex.corpus import special_mask, split_of
-from saex.downstream import TaskError, TaskMetric, check_tasks, evaluate_tasks, offline_tasks, task_metrics
-from saex.linearize import conv1d_to_linear
-from saex.models import directory_fingerprint, file_digest, load_hf
-from saex.protocols import (
+from saex._version import __version__
+from saex.analysis.alignment import best_cosines, hungarian
+from saex.analysis.bootstrap import BlockSums, Bootstrap, BootstrapParams, Statistic, point, with_uncertainty
+from saex.analysis.survival import SURVIVAL_PROFILE, LatentPairs, Survival, SurvivalParams, classify, frequency_profile
+from saex.data.assets import gemma3_dir, kjv_chapters, kjv_jsonl, smollm2_dir
+from saex.data.corpus import special_mask, split_of
+from saex.downstream.evaluate import evaluate_tasks
+from saex.downstream.tasks import TaskError, TaskMetric, check_tasks, offline_tasks, task_metrics
+from saex.model.linearize import conv1d_to_linear
+from saex.model.loading import load_hf
+from saex.model.splice import prefix, sae_transform, suffix_logits, zero_ablation
+from saex.model.verify import Targets, check_group_size, dense_weight, linear_layers, n_m_holds, target_weights
+from saex.plugin.hookspecs import hookimpl
+from saex.plugin.protocols import (
     ActivationSource,
     CompressionContext,
     CompressionExpectation,
     Compressor,
     Corpus,
     Executor,
+    Layout,
     LoadedModel,
     Metric,
     MetricContext,
     MetricOutput,
     ModelSource,
     NoParams,
+    Requirement,
     SAEArchitecture,
     SAEPruner,
-    SpliceContext,
 )
-from saex.run import Job
-from saex.sae import (
+from saex.run.job import Job, WorkerSpec
+from saex.run.worker import worker_step
+from saex.sae.base import (
     SAE,
     SAEFormatError,
     SAELensExport,
@@ -46,10 +51,8 @@ from saex.sae import (
     latents_fired,
     sample_batches,
 )
-from saex.spec import hookimpl
-from saex.splice import prefix, sae_transform, suffix_logits, zero_ablation
-from saex.survival import SURVIVAL_PROFILE, LatentPairs, Survival, SurvivalParams, classify, frequency_profile
-from saex.verify import Targets, check_group_size, dense_weight, linear_layers, n_m_holds, target_weights
+from saex.sae.splice_context import SpliceContext
+from saex.storage.fingerprints import directory_fingerprint, file_digest
 
 __all__ = [
     "SAE",
@@ -65,12 +68,14 @@ __all__ = [
     "Executor",
     "Job",
     "LatentPairs",
+    "Layout",
     "LoadedModel",
     "Metric",
     "MetricContext",
     "MetricOutput",
     "ModelSource",
     "NoParams",
+    "Requirement",
     "SAEArchitecture",
     "SAEFormatError",
     "SAELensExport",
@@ -87,6 +92,7 @@ __all__ = [
     "TaskError",
     "TaskMetric",
     "TrainStep",
+    "WorkerSpec",
     "__version__",
     "best_cosines",
     "check_group_size",
@@ -119,5 +125,6 @@ __all__ = [
     "target_weights",
     "task_metrics",
     "with_uncertainty",
+    "worker_step",
     "zero_ablation",
 ]

@@ -12,17 +12,20 @@ import re
 import sys
 from pathlib import Path
 
-from saex.assets import AssetError, kjv_jsonl, saex_home, smollm2_dir
-from saex.browser import BrowseError, Selection, browse
-from saex.cache import Cache
-from saex.manager import KIND_HOOKS, PluginError, Plugins, load_plugins
-from saex.matrix import expand
-from saex.models import resolve_device
-from saex.registry import DEVICE_PATTERN, Registry, RegistryError, load_registry
-from saex.report import ReportExists, Section, markdown, write_report
-from saex.run import Runner
-from saex.spine_outputs import declared_outputs
-from saex.store import ResultsStore, StoreError
+from pydantic import BaseModel
+
+from saex.config.matrix import expand
+from saex.config.registry import DEVICE_PATTERN, Registry, RegistryError, load_registry
+from saex.data.assets import AssetError, kjv_jsonl, smollm2_dir
+from saex.model.loading import resolve_device
+from saex.plugin.manager import KIND_HOOKS, PluginError, Plugins, load_plugins
+from saex.report.browser import BrowseError, Selection, browse
+from saex.report.markdown import ReportExists, Section, markdown, write_report
+from saex.run.outputs import declared_outputs
+from saex.run.runner import Runner
+from saex.storage.cache import Cache
+from saex.storage.home import saex_home
+from saex.storage.results import ResultsStore, StoreError
 
 PROJECT_REGISTRY = Path(__file__).resolve().parent.parent / "registry.yaml"
 DEFAULT_STORE = Path("results") / "saex.sqlite"
@@ -151,12 +154,20 @@ def cmd_plugins(args: argparse.Namespace) -> int:
                 continue
             fields = ", ".join(
                 f"{f}: {spec.get('type', spec.get('anyOf', [{}])[0].get('type', 'object'))}"
-                + (f" = {spec['default']!r}" if "default" in spec else " (required)")
+                + _default_note(registered.component.Params, f, spec)
                 for f, spec in schema.get("properties", {}).items()
             )
             print(f"{kind:<12} {name:<16} {registered.source:<24} {registered.component.description}")
             print(f"{'':<12} params: {fields or '(none)'}")
     return 0
+
+
+def _default_note(params: type[BaseModel], name: str, spec: dict) -> str:
+    """`` = default``, `` (optional)`` for a default computed when absent, `` (required)``."""
+    field = params.model_fields.get(name)
+    if field is not None and field.is_required():
+        return " (required)"
+    return f" = {spec['default']!r}" if "default" in spec else " (optional)"
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -276,7 +287,7 @@ def cmd_browse(args: argparse.Namespace) -> int:
 
 
 def cmd_lm_eval(argv: list[str]) -> int:
-    from saex.lmeval import main as lm_eval_main  # lm-eval loads only for this command
+    from saex.downstream.lmeval import main as lm_eval_main  # lm-eval loads only for this command
 
     lm_eval_main(argv)
     return 0

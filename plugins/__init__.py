@@ -1,2 +1,2 @@
-"""Built-in saex plugins. Each module registers its components through the hooks of ``saex.spec``,
+"""Built-in saex plugins. Each module registers its components through the hooks of ``saex.plugin.hookspecs``,
 exactly as a third-party plugin would."""

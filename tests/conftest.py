@@ -3,8 +3,6 @@ sections of the tests that run a matrix on a 3-layer tiny Llama."""
 
 from __future__ import annotations
 
-import importlib
-import inspect
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,52 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from saex.plugin.protocols import LoadedModel
 from saex.plugins.models.tiny_llama import TinyLlama
-from saex.protocols import LoadedModel
-
-# Modules whose docstrings are a few hundred to a few thousand characters of ASCII English prose.
-DOC_MODULES = (
-    "json",
-    "os",
-    "re",
-    "collections",
-    "itertools",
-    "typing",
-    "inspect",
-    "argparse",
-    "subprocess",
-    "string",
-    "random",
-    "statistics",
-    "heapq",
-    "tempfile",
-    "fnmatch",
-    "csv",
-    "pickle",
-    "copy",
-    "pprint",
-    "time",
-    "hashlib",
-    "struct",
-    "unittest",
-    "doctest",
-    "pdb",
-    "optparse",
-    "cmd",
-    "difflib",
-    "locale",
-    "tokenize",
-    "ast",
-    "sched",
-    "socket",
-    "ssl",
-    "uuid",
-    "operator",
-    "io",
-    "configparser",
-    "getopt",
-    "gettext",
-)
+from saex.testing import doc_corpus
 
 
 def _one_torch_thread() -> Iterator[None]:
@@ -90,21 +45,11 @@ def tiny_llama() -> LoadedModel:
     return TinyLlama().load(TinyLlama.Params(num_hidden_layers=4), torch.device("cpu"))
 
 
-def module_docs() -> list[str]:
-    docs = [inspect.getdoc(importlib.import_module(name)) or "" for name in DOC_MODULES]
-    assert all(len(doc) >= 300 for doc in docs), "every corpus module needs a real docstring"
-    return docs
-
-
 @pytest.fixture
 def text_corpus(tmp_path: Path) -> Path:
     """A directory with one .txt file per stdlib module docstring (40 files, ~75 kB), named so that sorted path
     order is ``DOC_MODULES`` order."""
-    directory = tmp_path / "corpus"
-    directory.mkdir()
-    for index, (name, doc) in enumerate(zip(DOC_MODULES, module_docs())):
-        (directory / f"{index:02d}_{name}.txt").write_text(doc)
-    return directory
+    return doc_corpus(tmp_path / "corpus")
 
 
 @pytest.fixture

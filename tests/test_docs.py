@@ -8,7 +8,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-# a path into one of the repository's top-level folders, e.g. `harness/run.py`, docs/SAE.md, tests/fixtures/x.py
+# a path into one of the repository's top-level folders, e.g. `saex.run.runner`, docs/SAE.md, tests/fixtures/x.py
 PATH = re.compile(r"(?<![\w./-])((?:harness|plugins|tests|benchmarks|docs|\.ci)/[\w./-]*\w)")
 
 
@@ -26,5 +26,10 @@ def test_every_path_a_doc_names_exists():
 
 def test_architecture_lists_every_spine_module():
     text = (ROOT / "docs" / "ARCHITECTURE.md").read_text()
-    modules = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "harness").glob("*.py") if p.name != "__init__.py")
+    spine = ROOT / "harness"
+    modules = sorted(
+        ".".join(("saex", *p.relative_to(spine).with_suffix("").parts))
+        for p in spine.rglob("*.py")
+        if p.name != "__init__.py"
+    )
     assert [m for m in modules if f"`{m}`" not in text] == []

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from saex.corpus import pack
+from saex.data.corpus import pack
 
 pytestmark = pytest.mark.integration
 

@@ -6,12 +6,12 @@ import pytest
 import torch
 import yaml
 
-from saex.cache import Cache
-from saex.corpus import special_mask
-from saex.manager import load_plugins
-from saex.registry import load_registry
-from saex.run import Runner
-from saex.store import ResultsStore
+from saex.config.registry import load_registry
+from saex.data.corpus import special_mask
+from saex.plugin.manager import load_plugins
+from saex.run.runner import Runner
+from saex.storage.cache import Cache
+from saex.storage.results import ResultsStore
 
 pytestmark = pytest.mark.integration
 

@@ -12,13 +12,13 @@ import yaml
 from pydantic import BaseModel
 
 from saex import hookimpl
-from saex.cache import Cache
 from saex.cli import main
-from saex.manager import load_plugins
-from saex.registry import load_registry
-from saex.report import phase_table
-from saex.run import Runner
-from saex.store import ResultsStore
+from saex.config.registry import load_registry
+from saex.plugin.manager import load_plugins
+from saex.report.markdown import phase_table
+from saex.run.runner import Runner
+from saex.storage.cache import Cache
+from saex.storage.results import ResultsStore
 
 REGISTRY = {
     "models": {"tiny": {"plugin": "tiny-llama", "params": {"num_hidden_layers": 2}}},

@@ -14,16 +14,16 @@ import torch
 import yaml
 from pydantic import ValidationError
 
-from saex.activations import TensorActivations
-from saex.cache import Cache
-from saex.manager import Plugins, load_plugins
+from saex.config.registry import load_registry
+from saex.model.activations import TensorActivations
+from saex.plugin.manager import Plugins, load_plugins
+from saex.plugin.protocols import MetricContext
 from saex.plugins.models.tiny_llama import TinyLlama, byte_tokenizer
-from saex.protocols import MetricContext
-from saex.registry import load_registry
-from saex.run import Runner
-from saex.sae_sparsity import sae_sparsity
-from saex.saelens import load_saelens, save_saelens
-from saex.store import ResultsStore
+from saex.run.runner import Runner
+from saex.sae.saelens import load_saelens, save_saelens
+from saex.sae.sparsity import sae_sparsity
+from saex.storage.cache import Cache
+from saex.storage.results import ResultsStore
 
 FIXTURES = Path(__file__).parent / "fixtures"
 EXAMPLES = FIXTURES / "plugins_guide"
@@ -56,9 +56,10 @@ def plugins() -> Plugins:
 
 
 def test_guide_shows_every_example_verbatim() -> None:
-    """Every python block of the guide is one example file, and every example file is one python block."""
+    """Every python block of the guide is one example file (the plugins, and the test of one with saex.testing),
+    and every example file is one python block."""
     blocks = re.findall(r"^```python\n(.*?)^```$", GUIDE.read_text(), flags=re.DOTALL | re.MULTILINE)
-    assert sorted(blocks) == sorted((EXAMPLES / f"{kind}.py").read_text() for kind in NAMES)
+    assert sorted(blocks) == sorted(path.read_text() for path in EXAMPLES.glob("*.py"))
 
 
 def test_every_example_registers_as_its_kind(plugins: Plugins) -> None:

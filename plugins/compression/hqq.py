@@ -4,7 +4,7 @@ zero point (found by hqq's half-quadratic optimiser; no calibration data).
 
 The transformers ``HqqConfig`` route fails on CPU, so the layers are swapped here directly. ``compute_dtype``
 is the layer's own dtype (float32 for saex models), the device is ``ctx.device`` (CPU or CUDA).
-Verification reads the weight through ``HQQLinear.dequantize()`` (saex.verify.dense_weight).
+Verification reads the weight through ``HQQLinear.dequantize()`` (saex.model.verify.dense_weight).
 """
 
 from __future__ import annotations

@@ -9,19 +9,16 @@ task asks for ``cpus_per_task`` CPUs and, where CUDA is present, ``gpus_per_task
 
 Workers rebuild the run from what the driver passes (registry files, store and cache paths, device), so
 plugins must be installed on every worker; metrics equal a ``local`` run's bit for bit at the same number of
-torch threads (tests/test_ray.py).
+torch threads (tests/run/test_ray.py).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from saex import Executor, Job, hookimpl
+from saex import Executor, Job, hookimpl, worker_step
 
 
 class RayParams(BaseModel):
@@ -31,51 +28,6 @@ class RayParams(BaseModel):
     num_cpus: int | None = Field(None, gt=0, description="CPUs of a local instance started for the run")
     cpus_per_task: float = Field(1.0, gt=0)
     gpus_per_task: float = Field(1.0, ge=0, description="GPUs per task where CUDA is present (else 0)")
-
-
-@dataclass(frozen=True)
-class RunSpec:
-    """What a worker needs to rebuild the driver's run (plain data: it travels to other machines)."""
-
-    registry_files: tuple[str, ...]
-    matrix: str
-    pending: frozenset[str]  # cell keys
-    store: str
-    cache: str
-    device: str
-
-    def runner(self):  # -> saex.run.Runner, imported in the worker
-        from saex.cache import Cache
-        from saex.manager import load_plugins
-        from saex.registry import load_registry
-        from saex.run import Runner
-        from saex.store import ResultsStore
-
-        plugins = load_plugins()
-        registry = load_registry([Path(f) for f in self.registry_files], plugins)
-        return Runner(plugins, registry, ResultsStore(Path(self.store)), Cache(Path(self.cache)), progress=False)
-
-
-def _step(spec: RunSpec, model: str, compression: str | None, hook: str | None, *after: object) -> str:
-    """One node of the graph: prepare the artifacts of (model, compression) when ``hook`` is None, else score
-    the cells of (model, compression, hook). ``after``: results of the steps this one depends on."""
-    from saex.matrix import expand
-
-    runner = spec.runner()
-    cells = [
-        c
-        for c in expand(spec.matrix, runner.registry.matrix(spec.matrix))
-        if c.key(runner.registry) in spec.pending
-        and c.model == model
-        and c.compression == compression
-        and (hook is None or c.hook == hook)
-    ]
-    session = runner.open_model(spec.matrix, model, torch.device(spec.device))
-    if hook is None:
-        runner.prepare(session, cells)
-    else:
-        runner.score(session, cells)
-    return f"{model}/{compression}/{hook}"
 
 
 class Ray:
@@ -96,17 +48,9 @@ class Ray:
                 ray.shutdown()
 
     def _run_graph(self, ray, job: Job, params: RayParams) -> None:
-        runner = job.runner
-        spec = RunSpec(
-            tuple(str(f.resolve()) for f in runner.registry.files),
-            job.matrix,
-            frozenset(c.key(runner.registry) for c in job.cells),
-            str(runner.store.path.resolve()),
-            str(runner.cache.root.resolve()),
-            str(job.device),
-        )
+        spec = job.worker_spec()
         gpus = params.gpus_per_task if job.device.type == "cuda" else 0
-        step = ray.remote(num_cpus=params.cpus_per_task, num_gpus=gpus)(_step)
+        step = ray.remote(num_cpus=params.cpus_per_task, num_gpus=gpus)(worker_step)
         scores = []
         for model in job.models():
             groups = job.groups(model)
@@ -117,7 +61,7 @@ class Ray:
             for compression, cells in groups:
                 scores.append(step.remote(spec, model, compression, cells[0].hook, prepared[compression]))
         for done in ray.get(scores):
-            runner.log(f"ray: scored {done}")
+            job.runner.log(f"ray: scored {done}")
 
 
 @hookimpl

@@ -12,7 +12,7 @@ ce_ablated = ln(vocab) there whatever the model. When the context has the hook's
 mean-ablation baseline (the mean at the SAE's positions) gives ce_mean_ablated, kl_mean_ablated and the
 scores ce_loss_score_mean, kl_div_score_mean against it: an informative baseline where zero-ablation is not.
 Every mean is kept as float64 sums per eval block, for percentile-bootstrap intervals over the blocks and paired
-differences against each SAE's ``original`` on the same blocks (``saex.bootstrap``).
+differences against each SAE's ``original`` on the same blocks (``saex.analysis.bootstrap``).
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ each dimension on its own mean over all tokens (not SAEBench 0.6's scalar mean, 
 Beyond SAELens: explained variance, MSE and cosine over the *typical* tokens (norm below ``massive_norm_multiple``
 times the median token norm) with the massive-activation tokens' share and own explained variance, since a
 handful of huge vectors can carry most of the variance (docs/QUALITY.md); and percentile-bootstrap intervals
-over eval blocks, and paired differences against the ``original`` SAE on the same tokens (``saex.bootstrap``).
+over eval blocks, and paired differences against the ``original`` SAE on the same tokens (``saex.analysis.bootstrap``).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ PER_TOKEN = "mean over eval tokens"
 PER_LATENT = "share of latents, density over eval tokens"
 MASSIVE_NORM_MULTIPLE = 10.0  # default: QUALITY.md's SmolLM2 layer 15 has 0.04% of tokens above 10x the median
 TYPICAL = "mean over typical eval tokens (norm below massive_norm_multiple x the median norm)"
-# SAEs compared at L0s further apart than this factor are flagged by the report (saex.comparisons): quality rises
+# SAEs compared at L0s further apart than this factor are flagged by the report (saex.report.comparisons): quality rises
 # with L0, so a wider gap mixes sparsity into the quality difference read; 1.25 passes the drift of matched
 # SAEs (JumpReLU ~31 against TopK's 32) and flags what the paper compared (L0 ~1,200 against 32)
 L0_MATCH_FACTOR = 1.25

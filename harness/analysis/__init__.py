@@ -1,0 +1,1 @@
+"""What the numbers mean across SAEs and models: survival, alignment, bootstrap intervals, per-latent data."""

@@ -1,0 +1,1 @@
+"""What the user configures: registry files, the validated registry, SAE sources, sweeps, matrices."""

@@ -1,0 +1,1 @@
+"""Downstream evaluation through lm-eval: the spliced model and the offline tasks."""

@@ -1,0 +1,1 @@
+"""What people read: markdown tables, figures, the HTML site and the feature browser."""

@@ -1,0 +1,70 @@
+"""What an executor is handed (``saex.Job``): the pending cells of one matrix with the runner whose steps compute
+them, and, for executors that compute on other machines, a ``WorkerSpec`` of plain data from which a worker
+rebuilds the same run (``saex.run.worker.worker_step``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from saex.config.matrix import BASE, Cell
+
+if TYPE_CHECKING:
+    from saex.run.runner import Runner
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What a worker needs to rebuild the driver's run (plain data: it travels to other machines)."""
+
+    registry_files: tuple[str, ...]
+    matrix: str
+    pending: frozenset[str]  # cell keys
+    store: str
+    cache: str
+    device: str
+
+
+@dataclass
+class Job:
+    """What an executor computes: the pending cells of one matrix, and the runner whose steps compute them.
+
+    ``groups()`` orders the cells as the artifact graph runs: per model, M's cells, then each compression's;
+    within each, one group per hook (the unit ``Runner.score`` scores together)."""
+
+    runner: Runner
+    matrix: str
+    cells: list[Cell]
+    device: torch.device
+
+    def models(self) -> list[str]:
+        return [m for m in self.runner.registry.matrix(self.matrix).models if any(c.model == m for c in self.cells)]
+
+    def groups(self, model: str) -> list[tuple[str | None, list[Cell]]]:
+        """(compression or None for M, cells of one hook) in computation order, for one model."""
+        matrix = self.runner.registry.matrix(self.matrix)
+        mine = [c for c in self.cells if c.model == model]
+        out: list[tuple[str | None, list[Cell]]] = []
+        for compression in [None, *matrix.compressions]:
+            scored = [
+                c for c in mine if (c.scored_on == BASE) == (compression is None) and c.compression == compression
+            ]
+            for hook in matrix.hooks:
+                group = [c for c in scored if c.hook == hook]
+                if group:
+                    out.append((compression, group))
+        return out
+
+    def worker_spec(self) -> WorkerSpec:
+        """The run as plain data (absolute paths, cell keys) for ``saex.worker_step`` on another machine."""
+        registry = self.runner.registry
+        return WorkerSpec(
+            tuple(str(f.resolve()) for f in registry.files),
+            self.matrix,
+            frozenset(c.key(registry) for c in self.cells),
+            str(self.runner.store.path.resolve()),
+            str(self.runner.cache.root.resolve()),
+            str(self.device),
+        )
