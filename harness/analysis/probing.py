@@ -268,6 +268,35 @@ def sparse_probing(
     return result
 
 
+def sparse_probing_transfer(
+    train_x: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_x: torch.Tensor,
+    test_labels: torch.Tensor,
+    ks: Sequence[int] = SPARSE_PROBING_KS,
+    seed: int | torch.Generator = 42,
+) -> dict[str, float]:
+    """Sparse probes chosen and fitted on one representation and tested on another of the same texts: ``train_x``
+    the train texts on M (an SAE's pooled latents, or the model's pooled activations), ``test_x`` the test texts on
+    M_c. Per k and class, as in ``sparse_probing``'s top-k loop: a balanced one-vs-rest sample, the k columns of
+    ``top_k_mean_diff`` and a ``train_probe`` on M's train rows, its accuracy on M_c's test rows. How much of each
+    concept's probe survives compression, which no SAEBench eval asks: ``top_{k}_test_accuracy`` averaged over
+    classes."""
+    gen = _generator(seed)
+    classes = _classes(train_labels)
+    result: dict[str, float] = {}
+    for k in ks:
+        accuracies = []
+        for cls in classes:
+            train_rows, train_y = balanced_one_vs_rest(train_labels, cls, gen)
+            test_rows, test_y = balanced_one_vs_rest(test_labels, cls, gen)
+            kept = top_k_mean_diff(train_x[train_rows], train_y, k).sort().values
+            fit = train_probe(train_x[train_rows][:, kept], train_y, test_x[test_rows][:, kept], test_y)
+            accuracies.append(fit.test_accuracy)
+        result[f"top_{k}_test_accuracy"] = sum(accuracies) / len(accuracies)
+    return result
+
+
 # ----- TPP and SCR -----
 
 

@@ -32,8 +32,13 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from hashlib import sha256
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 SAE_PROBES = "sae-probes==0.4.2"
 ZSTANDARD = "zstandard==0.25.0"
@@ -543,3 +548,18 @@ def from_file(
         second = str(record[second_label_column]) if second_label_column else None
         rows.append((_clip_chars(record[text_column], max_chars), str(record[label_column]), second))
     return _build(path.stem, rows, per_class)
+
+
+def text_blocks(texts: Sequence[str], tokenizer: PreTrainedTokenizerBase, max_tokens: int) -> torch.Tensor:
+    """One row per text [n_texts, max_tokens] int64: the tokenizer's encoding with its special tokens (BOS), cut to
+    ``max_tokens`` and padded on the right with a special token, so that activations collected over the rows and
+    stripped of special tokens are each text's real tokens in order (``saex.data.corpus.row_blocks`` maps them back
+    to their text) and right padding never changes a causal model's activations of the tokens before it."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise ValueError("the tokenizer has neither a pad nor an EOS token to pad texts with")
+    rows = torch.full((len(texts), max_tokens), pad, dtype=torch.long)
+    for i, text in enumerate(texts):
+        ids = tokenizer(text, truncation=True, max_length=max_tokens)["input_ids"]
+        rows[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+    return rows

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
         Compressor,
         Corpus,
         Executor,
+        LabelledSet,
         Layout,
         Metric,
         ModelSource,
@@ -53,6 +54,12 @@ def register_layouts(register: Callable[[str, "Layout"], None]) -> None:
 @hookspec
 def register_corpora(register: Callable[["Corpus"], None]) -> None:
     """Contribute corpora (where text comes from). Called once at load."""
+
+
+@hookspec
+def register_labelled_sets(register: Callable[["LabelledSet"], None]) -> None:
+    """Contribute labelled text sets (the concept-level evals' data: texts with one or two labels). Called once
+    at load."""
 
 
 @hookspec

@@ -26,6 +26,7 @@ from saex.plugin.protocols import (
     Compressor,
     Corpus,
     Executor,
+    LabelledSet,
     Layout,
     Metric,
     ModelSource,
@@ -36,10 +37,11 @@ from saex.plugin.protocols import (
 ENTRY_POINT_GROUP = "saex"
 BUILTIN_PACKAGE = "saex.plugins"
 
-Kind = Literal["model", "corpus", "compression", "sae", "pruner", "metric", "executor"]
+Kind = Literal["model", "corpus", "labelled", "compression", "sae", "pruner", "metric", "executor"]
 KIND_HOOKS: dict[Kind, str] = {
     "model": "register_models",
     "corpus": "register_corpora",
+    "labelled": "register_labelled_sets",
     "compression": "register_compressors",
     "sae": "register_sae_architectures",
     "pruner": "register_sae_pruners",
@@ -49,6 +51,7 @@ KIND_HOOKS: dict[Kind, str] = {
 KIND_PROTOCOLS: dict[Kind, type] = {
     "model": ModelSource,
     "corpus": Corpus,
+    "labelled": LabelledSet,
     "compression": Compressor,
     "sae": SAEArchitecture,
     "pruner": SAEPruner,

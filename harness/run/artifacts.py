@@ -26,6 +26,7 @@ from saex.data.corpus import TokenBlocks
 from saex.model.activations import ShardedActivations, collect_activations
 from saex.model.compressed import compress_verified
 from saex.model.hookpoints import HookPoint
+from saex.model.labelled_activations import LabelledActivations, LabelledInput
 from saex.model.language_model import next_token_loss
 from saex.model.precision import in_precision
 from saex.model.splice import Prefixes
@@ -85,6 +86,7 @@ class Setting:
     blocks: TokenBlocks
     hooks: list[HookPoint]
     device: torch.device
+    labelled: dict[str, LabelledInput] = field(default_factory=dict)  # the sets the matrix's metrics read
 
 
 class Artifacts:
@@ -195,17 +197,35 @@ class Artifacts:
 
     def activations(self, state: ModelState, split: str, hook: HookPoint) -> ShardedActivations:
         """``state``'s activations at ``hook`` on ``split``; one model pass collects every hook of the matrix."""
+        blocks = self.setting.blocks
+        return self._collected(state, split, hook, lambda: blocks.split(split), {"tokens": blocks.key, "split": split})
+
+    def labelled(self, state: ModelState, hook: HookPoint, name: str) -> LabelledActivations:
+        """``state``'s activations at ``hook`` on the labelled set ``name``: one model pass over its texts
+        collects every hook of the matrix, cached by the texts' token rows and labels."""
+        prepared = self.setting.labelled.get(name)
+        if prepared is None:
+            known = sorted(self.setting.labelled)
+            raise ValueError(f"labelled set {name!r} is not one this matrix's metrics read: {known}")
+        parts = {"labelled": prepared.key}
+        acts = self._collected(state, f"labelled:{name}", hook, lambda: prepared.blocks, parts)
+        return prepared.with_activations(acts)
+
+    def _collected(
+        self, state: ModelState, split: str, hook: HookPoint, blocks: Callable[[], torch.Tensor], parts: dict
+    ) -> ShardedActivations:
+        """``state``'s activations at ``hook`` on the token rows ``blocks()`` (named ``split``), cached under
+        ``parts`` and the model's identity: one model pass collects every hook of the matrix."""
         if (split, str(hook)) not in state.acts:
             s = self.setting
-            parts = {**state.identity, "tokens": s.blocks.key, "split": split}
             with self.timed(f"activations {state.label} {split}"):
                 found = collect_activations(
                     self.cache,
                     lambda: state.model,
                     s.loaded.tokenizer,
-                    s.blocks.split(split),
+                    blocks(),
                     s.hooks,
-                    parts,
+                    {**state.identity, **parts},
                     device=s.device,
                     desc=f"activations {state.label} {split}",
                     progress=self.progress,

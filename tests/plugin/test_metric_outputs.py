@@ -7,12 +7,14 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from saex import MetricContext, MetricOutput, NoParams, SpliceContext, hookimpl
+from saex import TPP_NS, MetricContext, MetricOutput, NoParams, SpliceContext, hookimpl
 from saex.model.activations import TensorActivations
 from saex.model.hookpoints import HookPoint
+from saex.model.labelled_activations import LabelledActivations
 from saex.plugin.manager import PluginError, load_plugins
 from saex.plugins.metrics.downstream import CEKL
 from saex.plugins.metrics.lm_eval import LmEval
+from saex.plugins.metrics.probing import TPP, SparseProbing
 from saex.plugins.metrics.reconstruction import Reconstruction
 from saex.plugins.metrics.transfer import Transfer
 from saex.plugins.sae.topk import TopKSAE
@@ -49,6 +51,41 @@ def test_a_per_sae_metric_returns_exactly_its_declared_keys(metric):
     assert set(returned) == names(metric.outputs) and len(returned) == len(metric.outputs)
 
 
+def labelled_context(d_in: int = 8) -> MetricContext:
+    """``sae_context`` with a labelled set of 3 classes x 20 texts of 4 tokens each, whose class shifts one
+    dimension of every token, read on 'M' and 'M_c' alike: every concept-level output has a value."""
+    ctx = sae_context(d_in)
+    labels = torch.arange(60) % 3
+    tokens = torch.randn(240, d_in, generator=torch.Generator().manual_seed(2))
+    tokens[:, 0] += 3.0 * labels.repeat_interleave(4).float()
+    test = (torch.arange(60) % 5) == 0
+    data = LabelledActivations(
+        TensorActivations(tokens),
+        torch.arange(60).repeat_interleave(4),
+        labels,
+        ("a", "b", "c"),
+        torch.nonzero(~test).squeeze(1),
+        torch.nonzero(test).squeeze(1),
+    )
+    ctx.labelled = ctx.reference_labelled = lambda name: data
+    return ctx
+
+
+@pytest.mark.parametrize(
+    ("metric", "params"),
+    [(SparseProbing(), {"labelled_sets": ["s"]}), (TPP(), {"labelled_sets": ["s"], "ns": list(TPP_NS)})],
+    ids=lambda m: getattr(m, "name", ""),
+)
+def test_a_concept_level_metric_returns_exactly_its_declared_keys(metric, params):
+    ctx = labelled_context()
+    ctx.sae = topk(8, 0).__class__.build(8, TopKSAE.Params(d_sae=600, k=4, normalize_input=False), seed=0).eval()
+    returned = metric.compute(ctx, metric.Params(**params))
+    assert set(returned) == names(metric.outputs)
+    assert set(ctx.details) == {metric.name.replace("-", "_")} and set(ctx.details[metric.name.replace("-", "_")]) == {
+        "s"
+    }
+
+
 def test_the_splice_metric_returns_exactly_its_declared_keys(tiny_llama):
     d = tiny_llama.model.config.hidden_size
     ids = torch.randint(3, len(tiny_llama.tokenizer), (2, 16), generator=torch.Generator().manual_seed(0))
@@ -75,7 +112,8 @@ def test_the_spine_declares_the_pruned_sae_sparsity_it_records_and_the_keys_of_i
 
 def test_declared_outputs_joins_every_loaded_metric_with_the_model_loss():
     outputs = declared_outputs(load_plugins(entry_points=False))
-    expected = [*Reconstruction.outputs, *Transfer.outputs, *CEKL.outputs, *LmEval().outputs, *MODEL_LOSS]
+    probing = [*SparseProbing.outputs, *TPP.outputs]
+    expected = [*Reconstruction.outputs, *Transfer.outputs, *CEKL.outputs, *LmEval().outputs, *probing, *MODEL_LOSS]
     assert set(outputs) == names(tuple(expected)) and len(outputs) == len(expected)
     assert outputs["ce_loss_score"].higher_is_better is True and outputs["model_ce"].unit == "nats"
 

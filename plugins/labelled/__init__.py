@@ -1,0 +1,1 @@
+"""Built-in labelled text sets (registry section ``labelled_sets``)."""
