@@ -4,8 +4,12 @@ Ends with a property-based fuzz test over registry structures and values."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
+import json
 import os
+import shutil
 import sqlite3
 import time
 from pathlib import Path
@@ -13,10 +17,15 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import tiny3_matrix, tiny3_sections
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from saex.cli import main
+from saex.storage.cache import MANIFEST, _digest
+from saex.storage.fingerprints import file_digest
+from saex.storage.results import ResultsStore
+from saex.testing import doc_corpus
 
 BASE = {  # names not in the project's registry.yaml, which every command loads too
     "models": {"bi-tiny": {"plugin": "tiny-llama", "params": {"num_hidden_layers": 2}}},
@@ -173,6 +182,160 @@ def test_a_bad_device_argument_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["run", "bad", "--device", "foo"])
     assert exc.value.code == 2 and "'foo' is not a device" in capsys.readouterr().err
+
+
+# --- one matrix beside a broken one; the last holes of the hostile-input probe (issue 21) ---------------------
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, single_thread_module):
+    """``saex run good`` through the CLI on the tiny3 matrix (original SAE on M and M_c), in a registry file that
+    also holds ``broken``, a matrix naming an SAE nobody defined: (root, registry file, store, exit code, stderr)."""
+    root = tmp_path_factory.mktemp("finished")
+    small = {"sources": ["original"], "metrics": ["reconstruction"]}
+    tokens = {"train": 1024, "calibration": 256, "eval": 256}
+    data = {
+        **tiny3_sections(doc_corpus(root / "corpus"), 1024),
+        "matrices": {"good": tiny3_matrix(**small, tokens=tokens), "broken": tiny3_matrix(**small, saes=["nope"])},
+    }
+    registry = write_text(root, yaml.safe_dump(data))
+    store = root / "results.sqlite"
+    err = io.StringIO()
+    with (
+        pytest.MonkeyPatch.context() as patch,
+        contextlib.redirect_stderr(err),
+        contextlib.redirect_stdout(io.StringIO()),
+    ):
+        patch.setenv("SAEX_HOME", str(root / "home"))
+        code = main(["run", "good", "--registry", str(registry), "--store", str(store), "--no-progress"])
+    return root, registry, store, code, err.getvalue()
+
+
+def _broken_problem(registry: Path) -> str:
+    return f"{registry}: matrices.broken.saes[0]: not defined in saes (got 'nope'); valid choices: "
+
+
+def test_a_matrix_runs_beside_a_broken_one_which_is_refused(finished, tmp_path, capsys, monkeypatch):
+    """Issue 21 item 4: `saex run` / `saex validate` of a matrix refuse only on that matrix's problems (or the
+    file's); another matrix's are one warning line each."""
+    _, registry, store, code, err = finished
+    assert code == 0 and _rows(store) == 2
+    warned = [line for line in err.splitlines() if "broken" in line]
+    assert len(warned) == 1 and warned[0].startswith(f"saex: warning: {_broken_problem(registry)}")
+    assert main(["validate", "good", "--registry", str(registry)]) == 0
+    assert capsys.readouterr().err.startswith(f"saex: warning: {_broken_problem(registry)}")
+    monkeypatch.setenv("SAEX_HOME", str(tmp_path / "home"))
+    for command in ("run", "validate"):
+        extra = ["--store", str(tmp_path / "r.sqlite")] if command == "run" else []
+        assert main([command, "broken", "--registry", str(registry), *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"saex: error: {_broken_problem(registry)}") and len(err.splitlines()) == 1
+    assert not (tmp_path / "r.sqlite").exists() and not (tmp_path / "home").exists()
+
+
+def test_tampered_cache_entries_are_moved_aside_and_recomputed(finished, tmp_path, capsys, monkeypatch):
+    """Issue 21 item 7 (a), (b) through the CLI: an activation shard replaced by a symbolic link to a copy
+    outside the cache, and a token cache whose manifest lists a file outside the cache (hash and digest made to
+    match), were accepted. Both are now corrupt entries: moved aside, reported, recomputed to the same numbers."""
+    root, registry, store, _, _ = finished
+    home = tmp_path / "home"
+    shutil.copytree(root / "home", home, symlinks=True)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    shards = sorted((home / "cache" / "activations").glob("*/shard_*.safetensors"))
+    for i, shard in enumerate(shards):
+        shutil.copy(shard, outside / f"{i}.safetensors")
+        shard.unlink()
+        shard.symlink_to(outside / f"{i}.safetensors")
+    (tokens,) = (home / "cache" / "tokens").iterdir()
+    (tmp_path / "secret.txt").write_text("not the cache's\n")
+    manifest = json.loads((tokens / MANIFEST).read_text())
+    manifest["files"]["../../../../secret.txt"] = file_digest(tmp_path / "secret.txt")
+    manifest["digest"] = _digest(manifest["key"], manifest["meta"], manifest["files"])
+    (tokens / MANIFEST).write_text(json.dumps(manifest))
+    monkeypatch.setenv("SAEX_HOME", str(home))
+    again = tmp_path / "again.sqlite"
+    assert main(["run", "good", "--registry", str(registry), "--store", str(again), "--no-progress"]) == 0
+    refused = [line for line in capsys.readouterr().err.splitlines() if "failed verification" in line]
+    problem = "manifest.json lists names that are not plain file names of the entry: '../../../../secret.txt'"
+    assert refused[0].startswith(f"saex: cached tokens/{tokens.name} failed verification ({problem}); moved to ")
+    link = "not plain files: shard_00000.safetensors (symbolic link)"
+    assert sorted(line.split(" failed verification ")[1].split(";")[0] for line in refused[1:]) == [f"({link})"] * len(
+        shards
+    )
+    assert len(shards) == 3 and len(refused) == 4
+    cached = home / "cache" / "activations"
+    assert not any(p.is_symlink() for p in cached.glob("*/*") if ".corrupt-" not in p.parent.name)
+    first, second = ResultsStore.existing(store), ResultsStore.existing(again)
+    assert {r.key: r.metrics for r in second.rows()} == {r.key: r.metrics for r in first.rows()}
+
+
+def test_report_on_a_row_whose_details_is_not_json_is_exit_2(finished, tmp_path, capsys):
+    """Issue 21 item 7 (c): a JSONDecodeError traceback (exit 1) before; the store is left as it was."""
+    _, registry, store, _, _ = finished
+    copy_ = tmp_path / "store.sqlite"
+    shutil.copy(store, copy_)
+    with sqlite3.connect(copy_) as db:
+        (key,) = db.execute("select key from cells order by rowid limit 1").fetchone()
+        db.execute("update cells set details = '{not json' where key = ?", (key,))
+    db.close()
+    before = copy_.read_bytes()
+    problem = (
+        f"saex: error: {copy_}: row {key!r}: column 'details' is not valid JSON (Expecting property name enclosed "
+        "in double quotes: line 1 column 2 (char 1)); the store was left as it was"
+    )
+    for matrix in (["good", "--registry", str(registry)], []):
+        assert main(["report", *matrix, "--store", str(copy_)]) == 2
+        assert capsys.readouterr().err.splitlines()[-1] == problem
+    assert copy_.read_bytes() == before
+
+
+def test_report_out_on_a_file_is_exit_2(finished, tmp_path, capsys):
+    """Issue 21 item 7 (d): `--out X` where X is a file was a FileExistsError traceback."""
+    _, _, store, _, _ = finished
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes\n")
+    assert main(["report", "--store", str(store), "--out", str(notes)]) == 2
+    assert (
+        capsys.readouterr().err == f"saex: error: {notes}: is a file, not a folder; --out names the report's folder\n"
+    )
+    assert main(["report", "--store", str(store), "--out", str(notes / "sub")]) == 2
+    expected = f"saex: error: {notes}: is a file, not a folder (on the way to {notes / 'sub'}); --out names "
+    assert capsys.readouterr().err == expected + "the report's folder\n"
+    assert notes.read_text() == "my notes\n"
+
+
+def test_a_store_that_is_not_a_saex_store_is_exit_2_and_left_as_it_was(tmp_path, capsys, monkeypatch):
+    """Issue 21 item 7 (e): `saex run --store notes.txt` was an sqlite3.DatabaseError traceback. A text file,
+    a folder or another program's SQLite database is refused before SQLite writes to it."""
+    monkeypatch.setenv("SAEX_HOME", str(tmp_path / "home"))
+    notes = tmp_path / "notes.txt"
+    notes.write_text("hello, my notes\n" * 20)
+    other = tmp_path / "other.sqlite"
+    with sqlite3.connect(other) as db:
+        db.execute("create table things (x)")
+    db.close()
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    hint = "--store names the SQLite file a run writes its results into"
+    cases = {
+        notes: f"not a saex results store (not an SQLite database: it starts b'hello, m'); {hint}",
+        other: f"not a saex results store (an SQLite database of tables things); {hint}",
+        folder: f"is a folder, not a saex results store; {hint}",
+    }
+    registry = write_text(tmp_path, yaml.safe_dump(BASE))
+    for path, problem in cases.items():
+        before = {p: p.read_bytes() for p in (notes, other)}
+        assert main(["run", "bad", "--registry", str(registry), "--store", str(path), "--no-progress"]) == 2
+        assert capsys.readouterr().err == f"saex: error: {path}: {problem}\n"
+        assert {p: p.read_bytes() for p in (notes, other)} == before and list(folder.iterdir()) == []
+    assert main(["report", "--store", str(notes)]) == 2
+    wrote = "--store names the SQLite file a run wrote its results into"
+    expected = (
+        f"saex: error: {notes}: not a saex results store (not an SQLite database: it starts b'hello, m'); {wrote}\n"
+    )
+    assert capsys.readouterr().err == expected
+    assert not (tmp_path / "home" / "cache" / "activations").exists()
 
 
 # --- property-based: no registry file reaches the user as a traceback --------------------------------------

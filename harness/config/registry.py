@@ -9,10 +9,15 @@ Several files are merged (the project's, ``--registry`` files, files contributed
 defined twice is an error naming both files. A ``saes`` entry with ``sweep`` stands for one entry per value
 (``saex.config.sweeps``). Every error names the file, the YAML path, the bad value and
 the valid choices, and is raised while reading, before anything runs.
+
+Read for one matrix (``load_registry(..., matrix=name)``, as ``saex run`` and ``saex validate MATRIX`` do), only
+the problems of the files as a whole, of that matrix and of the entries it uses are errors; the problems of
+other matrices and of entries it does not use are the registry's ``warnings``.
 """
 
 from __future__ import annotations
 
+import copy
 import difflib
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 from saex.config.pretrained import LoadedRef, ReleaseEntry, check_hooks, resolve_loaded
 from saex.config.registry_file import RegistryError, RegistryErrors, read_registry_file
 from saex.config.sources import parse_source
-from saex.config.sweeps import expand_sweeps
+from saex.config.sweeps import SWEEP, expand_sweeps
 from saex.model.hookpoints import parse_hook
 from saex.plugin.manager import Kind, Plugins
 from saex.plugin.protocols import Component
@@ -32,6 +37,7 @@ from saex.sae.training import TrainingConfig
 SECTIONS: dict[str, Kind] = {
     "models": "model",
     "corpora": "corpus",
+    "labelled_sets": "labelled",
     "compressions": "compression",
     "saes": "sae",
     "pruners": "pruner",
@@ -135,6 +141,7 @@ class Registry(BaseModel):
 
     models: dict[str, ComponentEntry] = Field(default_factory=dict)
     corpora: dict[str, ComponentEntry] = Field(default_factory=dict)
+    labelled_sets: dict[str, ComponentEntry] = Field(default_factory=dict)
     compressions: dict[str, CompressionEntry] = Field(default_factory=dict)
     saes: dict[str, SAEEntry] = Field(default_factory=dict)
     pruners: dict[str, ComponentEntry] = Field(default_factory=dict)
@@ -146,6 +153,11 @@ class Registry(BaseModel):
     _resolved: dict[tuple[str, str], Resolved] = PrivateAttr(default_factory=dict)
     _files: list[Path] = PrivateAttr(default_factory=list)  # as given to load_registry (no plugin files)
     _loaded: dict[str, LoadedRef] = PrivateAttr(default_factory=dict)  # loaded: sources, resolved
+    # problems of single entries, by "section.name" (a broken entry is left out of its section), and the
+    # entries each matrix uses ("section.name"): what ``problems(matrix)`` reports for a matrix
+    _problems: list[tuple[str, RegistryError]] = PrivateAttr(default_factory=list)
+    _uses: dict[str, set[str]] = PrivateAttr(default_factory=dict)
+    _warnings: list[RegistryError] = PrivateAttr(default_factory=list)
 
     @property
     def files(self) -> list[Path]:
@@ -153,14 +165,32 @@ class Registry(BaseModel):
         another process can rebuild the same registry."""
         return list(self._files)
 
+    @property
+    def warnings(self) -> list[RegistryError]:
+        """The problems ``load_registry(..., matrix=name)`` found outside that matrix and what it uses."""
+        return list(self._warnings)
+
+    def problems(self, matrix: str | None = None) -> list[RegistryError]:
+        """Every problem found while reading (None), or those of one matrix: its own entry's and those of the
+        entries it uses (models, corpus, compressions, saes, metrics, pruners, releases)."""
+        if matrix is None:
+            return [error for _, error in self._problems]
+        concern = {f"matrices.{matrix}", *self._uses.get(matrix, ())}
+        return [error for where, error in self._problems if where in concern]
+
     def matrix(self, name: str) -> MatrixEntry:
+        """A matrix whose entry and components are valid; one that is broken raises its problems."""
+        _raise_all(self.problems(name))
         if name not in self.matrices:
             files = sorted(set(self.origins.values()))
             raise RegistryError(", ".join(files), "matrices", "no such matrix", name, sorted(self.matrices))
         return self.matrices[name]
 
     def component(self, section: str, name: str) -> Resolved:
-        """Entry ``section.name`` resolved by ``load_registry`` (plugin component + validated params)."""
+        """Entry ``section.name`` resolved by ``load_registry`` (plugin component + validated params); a broken
+        entry raises its problems."""
+        if (section, name) not in self._resolved:
+            _raise_all([error for where, error in self._problems if where == f"{section}.{name}"])
         return self._resolved[(section, name)]
 
     def loaded_sae(self, matrix: str, source: str) -> LoadedRef | None:
@@ -204,10 +234,13 @@ def _merge_file(merged: dict[str, dict[str, Any]], origins: dict[str, str], file
             merged.setdefault(section, {})[name] = entry
 
 
-def _validate_entries(merged: dict[str, dict[str, Any]], origins: dict[str, str]) -> Registry:
+def _validate_entries(
+    merged: dict[str, dict[str, Any]], origins: dict[str, str], found: list[tuple[str, RegistryError]]
+) -> Registry:
+    """Every entry validated by its section's model; an entry that is not valid is left out, its problems
+    recorded (with those ``found`` before) under its "section.name"."""
     models = {"saes": SAEEntry, "matrices": MatrixEntry, "compressions": CompressionEntry, "releases": ReleaseEntry}
     validated: dict[str, dict[str, BaseModel]] = {}
-    found: list[RegistryError] = []
     for section, entries in merged.items():
         model = models.get(section, ComponentEntry)
         validated[section] = {}
@@ -215,30 +248,34 @@ def _validate_entries(merged: dict[str, dict[str, Any]], origins: dict[str, str]
             try:
                 validated[section][name] = model.model_validate(raw)
             except ValidationError as exc:
-                found += _validation_errors(exc, origins[f"{section}.{name}"], f"{section}.{name}", model)
-    _raise_all(found)
-    return Registry(**validated, origins=origins)
+                where = f"{section}.{name}"
+                found += [(where, error) for error in _validation_errors(exc, origins[where], where, model)]
+    reg = Registry(**validated, origins=origins)
+    reg._problems = found
+    return reg
 
 
 def _resolve_components(reg: Registry, plugins: Plugins) -> None:
-    """Look up every entry's plugin and validate its params, once; the results are ``reg.component``."""
-    found: list[RegistryError] = []
+    """Look up every entry's plugin and validate its params, once; the results are ``reg.component``, the
+    problems are recorded under the entry's "section.name"."""
     for section, kind in SECTIONS.items():
         for name, entry in getattr(reg, section).items():
             where = f"{section}.{name}"
             file = reg.origins[where]
             if entry.plugin not in plugins.names(kind):
                 message = f"no {kind} plugin of that name"
-                found.append(RegistryError(file, f"{where}.plugin", message, entry.plugin, plugins.names(kind)))
+                error = RegistryError(file, f"{where}.plugin", message, entry.plugin, plugins.names(kind))
+                reg._problems.append((where, error))
                 continue
             component = plugins.get(kind, entry.plugin)
             try:
                 params = component.Params(**entry.params)
             except ValidationError as exc:
-                found += _validation_errors(exc, file, f"{where}.params", component.Params)
+                reg._problems += [
+                    (where, e) for e in _validation_errors(exc, file, f"{where}.params", component.Params)
+                ]
                 continue
             reg._resolved[(section, name)] = Resolved(section, name, component, params, entry)
-    _raise_all(found)
 
 
 def _validation_errors(exc: ValidationError, file: str, where: str, model: type[BaseModel]) -> list[RegistryError]:
@@ -278,29 +315,60 @@ def _raise_all(found: list[RegistryError]) -> None:
 
 
 def _check_matrices(reg: Registry) -> None:
-    """Every matrix's references and sources; the problems of all matrices are reported together."""
-    found: list[RegistryError] = []
-    for name, matrix in reg.matrices.items():
+    """Every matrix's references and sources, each matrix on its own: a matrix that names an entry nobody
+    defined, or whose sources do not hold together, is left out of ``reg.matrices`` with its problems recorded
+    under "matrices.<name>"; the entries it names (broken ones too, whose problems are their own) are what it
+    uses."""
+    broken = {where for where, _ in reg._problems}
+    for name, matrix in list(reg.matrices.items()):
         file = reg.origins[f"matrices.{name}"]
-        for field, section in {
-            "models": "models",
-            "compressions": "compressions",
-            "saes": "saes",
-            "metrics": "metrics",
-        }.items():
-            known = sorted(getattr(reg, section))
-            for i, ref in enumerate(getattr(matrix, field)):
-                if ref not in known:
-                    message = f"not defined in {section}"
-                    found.append(RegistryError(file, f"matrices.{name}.{field}[{i}]", message, ref, known))
+        uses = reg._uses[name] = set()
+        found: list[RegistryError] = []
+        for section, place, ref, message in _references(matrix):
+            if ref in getattr(reg, section) or f"{section}.{ref}" in broken:
+                uses.add(f"{section}.{ref}")
+            else:
+                found.append(
+                    RegistryError(file, f"matrices.{name}.{place}", message, ref, sorted(getattr(reg, section)))
+                )
+        for text in matrix.sources:
+            release = _release_of(reg, text, broken)
+            if release is not None:
+                uses.add(f"releases.{release}")
         try:
-            _check_sources(reg, name, matrix, file)
+            _check_sources(reg, name, matrix, file, broken)
         except RegistryError as exc:
             found.append(exc)
-    _raise_all(found)
+        if found:
+            reg._problems += [(f"matrices.{name}", error) for error in found]
+            del reg.matrices[name]
 
 
-def _check_sources(reg: Registry, name: str, matrix: MatrixEntry, file: str) -> None:
+def _references(matrix: MatrixEntry) -> list[tuple[str, str, str, str]]:
+    """(section, place in the matrix, name, message when undefined) of every entry a matrix names."""
+    refs = [
+        (field, f"{field}[{i}]", ref, f"not defined in {field}")
+        for field in ("models", "compressions", "saes", "metrics")
+        for i, ref in enumerate(getattr(matrix, field))
+    ]
+    for i, text in enumerate(matrix.sources):
+        source = parse_source(text)
+        if source.kind == "pruned":
+            refs.append(("pruners", f"sources[{i}]", source.pruner, "pruned:<entry>@<s> names no entry of pruners"))
+    refs.append(("corpora", "corpus", matrix.corpus, "not defined in corpora"))
+    return refs
+
+
+def _release_of(reg: Registry, text: str, broken: set[str]) -> str | None:
+    """The release a ``loaded:`` source names (a valid one, or one whose entry is broken), else None."""
+    source = parse_source(text)
+    if source.kind != "loaded" or source.path is None:
+        return None
+    name = source.path.partition("/")[0]
+    return name if name in reg.releases or f"releases.{name}" in broken else None
+
+
+def _check_sources(reg: Registry, name: str, matrix: MatrixEntry, file: str, broken: set[str]) -> None:
     loaded = [(i, text) for i, text in enumerate(matrix.sources) if parse_source(text).kind == "loaded"]
     derived = [text for text in matrix.sources if parse_source(text).kind in ("retrained", "finetuned", "pruned")]
     if len(loaded) > 1 and derived:
@@ -311,35 +379,48 @@ def _check_sources(reg: Registry, name: str, matrix: MatrixEntry, file: str) -> 
             message = "derives from the matrix's loaded: SAE, which has no seed: drop @seed=<n>"
             raise RegistryError(file, f"matrices.{name}.sources[{i}]", message, text)
     for i, text in loaded:
+        if f"releases.{_release_of(reg, text, broken)}" in broken:
+            continue  # the release's own problems are the matrix's (it uses the release)
         where = f"matrices.{name}.sources[{i}]"
         ref = reg._loaded.get(text) or resolve_loaded(text, reg.releases, reg.origins, file, where)
         check_hooks(ref, matrix.hooks, file, name, i)
         reg._loaded[text] = ref
-    for i, text in enumerate(matrix.sources):
-        source = parse_source(text)
-        if source.kind == "pruned" and source.pruner not in reg.pruners:
-            raise RegistryError(
-                file,
-                f"matrices.{name}.sources[{i}]",
-                "pruned:<entry>@<s> names no entry of pruners",
-                source.pruner,
-                sorted(reg.pruners),
-            )
-    if matrix.corpus not in reg.corpora:
-        raise RegistryError(
-            file, f"matrices.{name}.corpus", "not defined in corpora", matrix.corpus, sorted(reg.corpora)
-        )
 
 
-def load_registry(files: list[Path], plugins: Plugins) -> Registry:
-    """Read, merge and fully validate registry files (plus files contributed by plugins)."""
+def _expand_sweeps(merged: dict[str, dict[str, Any]], origins: dict[str, str]) -> list[tuple[str, RegistryError]]:
+    """``expand_sweeps``, with each swept ``saes`` entry whose sweep is malformed left out of ``merged`` and its
+    problem recorded under "saes.<name>" (a member name that clashes with another entry stays an error of the
+    files as a whole)."""
+    found: list[tuple[str, RegistryError]] = []
+    saes = merged.get("saes", {})
+    for name, raw in list(saes.items()):
+        if isinstance(raw, dict) and SWEEP in raw:
+            try:
+                expand_sweeps({"saes": {name: copy.deepcopy(raw)}}, {f"saes.{name}": origins[f"saes.{name}"]})
+            except RegistryError as exc:
+                found.append((f"saes.{name}", exc))
+                del saes[name]
+    expand_sweeps(merged, origins)
+    return found
+
+
+def load_registry(files: list[Path], plugins: Plugins, matrix: str | None = None) -> Registry:
+    """Read, merge and validate registry files (plus files contributed by plugins).
+
+    A problem of the files as a whole (YAML, an unknown section, a name defined twice) is raised at once. The
+    problems of single entries are collected, every one of them: with ``matrix`` None all are raised together;
+    with a matrix's name only those of that matrix and of the entries it uses are, and the others are kept as
+    the registry's ``warnings`` (a broken matrix or entry still raises its problems when ``Registry.matrix`` or
+    ``Registry.component`` is asked for it)."""
     merged: dict[str, dict[str, Any]] = {}
     origins: dict[str, str] = {}
     for file in [*files, *plugins.registry_files()]:
         _merge_file(merged, origins, Path(file))
-    expand_sweeps(merged, origins)
-    reg = _validate_entries(merged, origins)
+    found = _expand_sweeps(merged, origins)
+    reg = _validate_entries(merged, origins, found)
     reg._files = [Path(f) for f in files]
     _resolve_components(reg, plugins)
     _check_matrices(reg)
+    _raise_all(reg.problems(matrix))
+    reg._warnings = reg.problems()
     return reg

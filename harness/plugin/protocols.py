@@ -3,7 +3,7 @@ are validated against it) and a one-line ``description`` shown by ``saex plugins
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
@@ -13,6 +13,8 @@ from pydantic import BaseModel, Field, model_validator
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+    from saex.data.labelled import LabelledTexts
+    from saex.model.labelled_activations import LabelledActivations
     from saex.run.job import Job
     from saex.sae.base import SAE, SAELensImport
     from saex.sae.splice_context import SpliceContext
@@ -95,6 +97,10 @@ class MetricContext:
     Two outputs besides the returned values: tensors [d_sae] a metric adds to ``per_latent`` are stored with the
     cell (safetensors in the cache, its key in the row's ``details["per_latent"]``, ``saex.analysis.latent_store``), and
     small JSON-able summaries it adds to ``details`` go into the row's ``details``.
+
+    ``labelled(name)``: the scored model's activations at the hook on the texts of the ``labelled_sets`` entry
+    ``name`` (one that the metric's params list under ``labelled_sets``), with their labels and train/test split;
+    ``reference_labelled`` the same on the base model when the SAE is scored on a compressed one (same texts).
     """
 
     sae: "SAE"
@@ -104,6 +110,8 @@ class MetricContext:
     reference_activations: ActivationSource | None = None
     reference_sae: "SAE | None" = None
     eval_blocks: torch.Tensor | None = None
+    labelled: "Callable[[str], LabelledActivations] | None" = None
+    reference_labelled: "Callable[[str], LabelledActivations] | None" = None
     per_latent: dict[str, torch.Tensor] = field(default_factory=dict)
     details: dict[str, object] = field(default_factory=dict)
 
@@ -140,6 +148,27 @@ class Layout:
 class ModelSource(Component, Protocol):
     def load(self, params: BaseModel, device: torch.device) -> LoadedModel:
         """Return the model in eval mode on ``device`` (float32) with its tokenizer."""
+        ...
+
+
+class LabelledParams(BaseModel):
+    """What every labelled set's params hold besides its own: how many tokens of each text the model reads, and
+    the deterministic stratified train/test split (``saex.data.labelled.train_test_split``)."""
+
+    model_config = {"extra": "forbid"}
+
+    max_tokens: int = Field(64, ge=2, description="tokens of each text the model reads (BOS included)")
+    test_fraction: float = Field(0.2, gt=0, lt=1, description="share of each class's texts in the test split")
+    split_seed: int = Field(0, description="seed of the split (the same texts go to test for the same seed)")
+
+
+class LabelledSet(Component, Protocol):
+    """Labelled texts for the concept-level evals (registry section ``labelled_sets``); ``Params`` subclasses
+    ``LabelledParams``."""
+
+    def load(self, params: BaseModel) -> "LabelledTexts":
+        """The texts with their labels (and second labels, for SCR), in a fixed order; raise
+        ``saex.MissingDataPackage`` naming what to install when the data is not on this machine."""
         ...
 
 
@@ -190,6 +219,11 @@ class Executor(Component, Protocol):
     use: the cells grouped as an artifact graph, and the steps that compute each part."""
 
     def execute(self, job: "Job", params: BaseModel) -> None: ...
+
+
+class ExecutorError(RuntimeError):
+    """An executor that cannot run where it was pointed (a cluster it cannot reach or join), or bad input its
+    workers found: the message names what and what to check; ``saex run`` exits 2 with it."""
 
 
 class MetricOutput(BaseModel):

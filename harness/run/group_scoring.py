@@ -17,6 +17,7 @@ from saex._version import __version__
 from saex.analysis.latent_store import KIND as PER_LATENT
 from saex.analysis.latent_store import store_per_latent
 from saex.config.matrix import Cell
+from saex.config.pretrained import SAE_LABEL
 from saex.config.registry import Registry, Resolved
 from saex.config.sources import parse_source
 from saex.data.corpus import row_blocks
@@ -196,6 +197,9 @@ class GroupScorer:
     ) -> SAE:
         artifact = self.sae_artifact(cell, artifacts, target, hook)
         result.cost, result.details = artifact.cost, dict(artifact.details)
+        if (loaded := self.registry.loaded_sae(cell.matrix, cell.source)) is not None:
+            # the SAE is (or derives from) a loaded one: named by its own identity, not the `saes` entry
+            result.details[SAE_LABEL] = loaded.label
         return artifact.sae
 
     def _original_sae(self, cell: Cell, artifacts: Artifacts, hook: HookPoint) -> SAE | None:
@@ -225,6 +229,8 @@ class GroupScorer:
             reference_activations=artifacts.activations(base, "eval", hook) if target is not base else None,
             reference_sae=self._original_sae(cell, artifacts, hook),
             eval_blocks=row_blocks(s.blocks.eval, s.loaded.tokenizer),
+            labelled=lambda name: artifacts.labelled(target, hook, name),
+            reference_labelled=(lambda name: artifacts.labelled(base, hook, name)) if target is not base else None,
         )
         values = sae_metrics(metrics, ctx)
         result.details.update(ctx.details)

@@ -18,12 +18,14 @@ import torch
 from saex.config.matrix import BASE, Cell, expand
 from saex.config.registry import ComponentEntry, MatrixEntry, Registry, RegistryError, Resolved
 from saex.data.corpus import TokenBlocks, token_blocks
+from saex.data.labelled import LabelledTexts, MissingDataPackage
 from saex.model.hookpoints import HookPoint, capture, check_hook, parse_hook
+from saex.model.labelled_activations import LabelledInput, prepare_labelled
 from saex.model.layouts import attach_layout
 from saex.model.loading import resolve_device
 from saex.model.precision import unsupported
 from saex.plugin.manager import Plugins
-from saex.plugin.protocols import Corpus, Executor, LoadedModel, Metric, ModelSource
+from saex.plugin.protocols import Corpus, Executor, LabelledSet, LoadedModel, Metric, ModelSource
 from saex.plugin.returns import returned
 from saex.run.artifacts import Artifacts, ModelState, Setting
 from saex.run.group_scoring import GroupScorer
@@ -137,7 +139,7 @@ class Runner:
         except ValueError as exc:  # the corpus is too small for the token budgets
             raise self._bad_input(name, f"matrices.{name}.tokens", str(exc)) from None
         self.store.record_phase(name, model, "token blocks", time.perf_counter() - start)
-        setting = Setting(matrix, loaded, blocks, hooks, device)
+        setting = Setting(matrix, loaded, blocks, hooks, device, self._labelled(name, loaded))
         architectures = {n: self.plugins.get("sae", n) for n in self.plugins.names("sae")}
         artifacts = Artifacts(
             self.cache,
@@ -166,6 +168,32 @@ class Runner:
     def sae_artifact(self, cell: Cell, artifacts: Artifacts, target: ModelState, hook: HookPoint) -> SAEArtifact:
         """The SAE ``cell`` scores on ``target`` with its cache key, cost and details (from the cache when there)."""
         return self.scorer.sae_artifact(cell, artifacts, target, hook)
+
+    def _labelled(self, name: str, loaded: LoadedModel) -> dict[str, LabelledInput]:
+        """The labelled sets the matrix's metrics read (their params' ``labelled_sets``), loaded, split and
+        tokenised once per model; a set the registry lacks or whose data is not on this machine is bad input."""
+        prepared: dict[str, LabelledInput] = {}
+        for metric in self.registry.matrix_components(name, "metrics"):
+            for i, set_name in enumerate(getattr(metric.params, "labelled_sets", ())):
+                where = f"metrics.{metric.name}.params.labelled_sets[{i}]"
+                file = self.registry.origins.get(f"metrics.{metric.name}", "registry")
+                if set_name not in self.registry.labelled_sets:
+                    choices = sorted(self.registry.labelled_sets)
+                    raise RegistryError(file, where, "not defined in labelled_sets", set_name, choices)
+                if set_name in prepared:
+                    continue
+                entry: Resolved[LabelledSet] = self.registry.component("labelled_sets", set_name)
+                try:
+                    texts = returned(
+                        entry.component.load(entry.params), LabelledTexts, entry.name, "LabelledSet", "load"
+                    )
+                except MissingDataPackage as exc:
+                    raise RegistryError(file, where, f"labelled set {set_name!r}: {exc}") from None
+                params = entry.params
+                prepared[set_name] = prepare_labelled(
+                    texts, loaded.tokenizer, params.max_tokens, params.test_fraction, params.split_seed
+                )
+        return prepared
 
     def _check_loaded_widths(
         self, name: str, model: str, module: torch.nn.Module, hooks: list[HookPoint], device: torch.device

@@ -4,9 +4,11 @@ before every reuse. A key is the hash of everything that determines the artifact
 The manifest is closed: it lists every file of the directory with its sha256 and carries a digest over the
 key, the files and the ``meta`` values (model loss, costs), so an edited value, a listed file that changed, a
 file that is not listed and a missing or unreadable manifest are all caught; the directory is then moved
-aside, reported, and the artifact recomputed. Names read from a manifest (``file``) never leave their
-directory. Temporary directories are named for the host and process that made them, and those of processes
-that died are removed when a cache is opened.
+aside, reported, and the artifact recomputed. Names read from a manifest never leave their directory: every
+name a manifest lists is checked (``plain_name``) before anything is opened, by the verification and by
+``files``, and a symbolic link (to anywhere), a folder or a special file inside an entry makes it corrupt, as
+``put`` refuses them. Temporary directories are named for the host and process that made them, and those of
+processes that died are removed when a cache is opened.
 
 Several processes may share a cache: ``computed`` holds an exclusive lock per artifact (``fcntl.flock`` on a
 file under ``locks/``) while it checks and computes, so an artifact is computed once and the other processes
@@ -25,6 +27,7 @@ import json
 import os
 import shutil
 import socket
+import stat
 import sys
 import tempfile
 import time
@@ -96,7 +99,7 @@ class Cache:
         listed = json.loads((path / MANIFEST).read_text())["files"]
         found = []
         for name in names:
-            if Path(name).name != name or name in ("", ".", "..") or name not in listed:
+            if not plain_name(name) or name not in listed:
                 raise CacheError(f"{path / MANIFEST}: {name!r} is not a file of this artifact")
             found.append(path / name)
         return found
@@ -162,7 +165,16 @@ class Cache:
 
     @staticmethod
     def _problems(path: Path, key: str) -> str:
-        """What is wrong with a published directory, or "" when it is intact."""
+        """What is wrong with a published directory, or "" when it is intact. Nothing is opened before it is
+        known to be a plain file of the directory: a symbolic link (to anywhere), a folder or a special file in
+        the entry, and a name in the manifest that is not a plain file name, are problems, never followed."""
+        if _kind(path) != "folder":
+            return f"the entry is a {_kind(path)}, not a folder"
+        kinds = {p.name: _kind(p) for p in path.iterdir()}
+        if MANIFEST not in kinds:
+            return f"no {MANIFEST}"
+        if kinds[MANIFEST] != "file":
+            return f"{MANIFEST} is a {kinds[MANIFEST]}, not a plain file"
         try:
             manifest = json.loads((path / MANIFEST).read_text())
             files, meta = dict(manifest["files"]), manifest["meta"]
@@ -172,12 +184,41 @@ class Cache:
             return f"no {MANIFEST}"
         except (json.JSONDecodeError, KeyError, TypeError, ValueError):
             return f"unreadable {MANIFEST}"
-        present = {p.name for p in path.iterdir()} - {MANIFEST}
-        unlisted = sorted(present - set(files))
+        outside = [repr(n) for n in files if not plain_name(n)]
+        if outside:
+            return f"{MANIFEST} lists names that are not plain file names of the entry: {', '.join(outside)}"
+        del kinds[MANIFEST]
+        odd = [f"{n} ({k})" for n, k in sorted(kinds.items()) if k != "file"]
+        if odd:
+            return f"not plain files: {', '.join(odd)}"
+        unlisted = sorted(set(kinds) - set(files))
         if unlisted:
             return f"files not in the manifest: {', '.join(unlisted)}"
-        bad = [n for n, digest in files.items() if not (path / n).is_file() or file_digest(path / n) != digest]
+        bad = [n for n, digest in files.items() if n not in kinds or file_digest(path / n) != digest]
         return ", ".join(bad)
+
+
+def plain_name(name: object) -> bool:
+    """Whether ``name``, read from a manifest or meta, is the name of a file directly inside an artifact's
+    directory (no separator, not ``.``/``..``, not the manifest itself); the one check before a listed name is
+    opened (``Cache.files`` and the verification of ``Cache.get``)."""
+    return (
+        isinstance(name, str)
+        and name not in ("", ".", "..", MANIFEST)
+        and "\0" not in name
+        and "/" not in name
+        and Path(name).name == name
+    )
+
+
+def _kind(path: Path) -> str:
+    """What ``path`` is, without following a symbolic link: file, symbolic link, folder, or special file."""
+    mode = path.lstat().st_mode
+    if stat.S_ISREG(mode):
+        return "file"
+    if stat.S_ISLNK(mode):
+        return "symbolic link"
+    return "folder" if stat.S_ISDIR(mode) else "special file"
 
 
 def _alive(pid: int) -> bool:

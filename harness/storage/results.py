@@ -19,7 +19,7 @@ import os
 import socket
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -54,6 +54,7 @@ CREATE TABLE IF NOT EXISTS phases (
 );
 """
 FOREIGN_CLAIM_SECONDS = 6 * 3600
+SQLITE_HEADER = b"SQLite format 3\x00"
 
 
 class StoreError(ValueError):
@@ -81,11 +82,7 @@ class ResultsStore:
     def __init__(self, path: Path, *, db: sqlite3.Connection | None = None):
         self.path = Path(path)
         if db is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
-            db.executescript(SCHEMA + PHASES_SCHEMA)
-            if "owner" not in {row[1] for row in db.execute("PRAGMA table_info(cells)")}:
-                db.execute("ALTER TABLE cells ADD COLUMN owner TEXT")  # stores written before claims existed
+            db = _open_for_writing(self.path)
         self.db = db
         self.owner = f"{socket.gethostname()}:{os.getpid()}"
 
@@ -96,6 +93,7 @@ class ResultsStore:
         path = Path(path)
         if not path.is_file():
             raise StoreError(f"{path}: no results store there (run a matrix first, or pass --store)")
+        _check_header(path, "--store names the SQLite file a run wrote its results into")
         try:
             db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
             columns = {row[1] for row in db.execute("PRAGMA table_info(cells)")}
@@ -166,6 +164,19 @@ class ResultsStore:
                 ),
             )
 
+    def release(self, keys: Iterable[str], reason: str = "interrupted before it finished") -> int:
+        """Give up this process's claims on ``keys`` still running (an interrupted run): each becomes a failed row
+        with ``reason``, which the next run computes; finished rows are untouched. Returns how many were released."""
+        with self.db:
+            return sum(
+                self.db.execute(
+                    "UPDATE cells SET status='failed', error=?, finished_at=?, owner=NULL "
+                    "WHERE key=? AND status='running' AND owner=?",
+                    (reason, time.time(), key, self.owner),
+                ).rowcount
+                for key in keys
+            )
+
     def record_phase(self, matrix: str, model: str, phase: str, seconds: float) -> None:
         """Seconds one phase of a run took (loading, compressing, collecting, training, scoring, ...)."""
         with self.db:
@@ -198,18 +209,75 @@ class ResultsStore:
         for key, mat, cell, status, metrics, cost, details, versions, error, config in self.db.execute(
             query + where + " ORDER BY rowid", args
         ):
-            yield CellResult(
-                key,
-                mat,
-                json.loads(cell),
-                status,
-                json.loads(metrics),
-                json.loads(cost),
-                json.loads(details),
-                json.loads(versions),
-                error,
-                json.loads(config),
-            )
+            columns = {"cell": cell, "metrics": metrics, "cost": cost, "details": details, "versions": versions}
+            read = {name: self._json_object(key, name, text) for name, text in (*columns.items(), ("config", config))}
+            yield CellResult(key, mat, status=status, error=error, **read)
+
+    def _json_object(self, key: str, column: str, text: object) -> dict[str, Any]:
+        """A row's JSON column read back; a row edited or damaged outside saex is a ``StoreError`` naming the
+        store, the row's key and the column."""
+        try:
+            value = json.loads(text) if isinstance(text, (str, bytes)) else None
+        except ValueError as exc:  # JSONDecodeError, and a UnicodeDecodeError of bytes
+            problem = f"is not valid JSON ({exc})"
+        else:
+            if isinstance(value, dict):
+                return value
+            problem = f"is not a JSON object (got {_preview(text)})"
+        raise StoreError(f"{self.path}: row {key!r}: column {column!r} {problem}; the store was left as it was")
+
+
+def _open_for_writing(path: Path) -> sqlite3.Connection:
+    """A store opened for a run, created when missing. Anything at ``path`` that is not a saex results store (a
+    folder, a text file, another program's database) is a ``StoreError``, and is checked before SQLite touches
+    it, so it is left exactly as it was."""
+    hint = "--store names the SQLite file a run writes its results into"
+    if path.is_dir():
+        raise StoreError(f"{path}: is a folder, not a saex results store; {hint}")
+    if path.exists() and not path.is_file():  # a FIFO or a device: never opened (reading a FIFO would block)
+        raise StoreError(f"{path}: is not a regular file, not a saex results store; {hint}")
+    if path.exists() and str(path) != ":memory:":  # SQLite's name for a database in memory, never a file
+        _check_header(path, hint)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(path, timeout=60, isolation_level=None)
+    except (OSError, sqlite3.Error) as exc:
+        raise StoreError(f"{path}: cannot open the results store ({exc})") from None
+    try:
+        tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if tables and "cells" not in tables:
+            shown = ", ".join(sorted(tables)[:5])
+            raise StoreError(f"{path}: not a saex results store (an SQLite database of tables {shown}); {hint}")
+        columns = {row[1] for row in db.execute("PRAGMA table_info(cells)")}
+        missing = [c for c in COLUMNS if c not in columns]
+        if tables and missing:
+            raise StoreError(f"{path}: not a saex results store (table 'cells' lacks {', '.join(missing)}); {hint}")
+        db.executescript(SCHEMA + PHASES_SCHEMA)
+        if "owner" not in columns | {row[1] for row in db.execute("PRAGMA table_info(cells)")}:
+            db.execute("ALTER TABLE cells ADD COLUMN owner TEXT")  # stores written before claims existed
+    except sqlite3.DatabaseError as exc:
+        db.close()
+        raise StoreError(f"{path}: not a saex results store ({exc}); {hint}") from None
+    except BaseException:
+        db.close()
+        raise
+    return db
+
+
+def _check_header(path: Path, hint: str) -> None:
+    """Refuse a non-empty file that does not start as an SQLite database does (read only, never written)."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(len(SQLITE_HEADER))
+    except OSError as exc:
+        raise StoreError(f"{path}: cannot read the results store ({exc.strerror})") from None
+    if head and head != SQLITE_HEADER:
+        raise StoreError(f"{path}: not a saex results store (not an SQLite database: it starts {head[:8]!r}); {hint}")
+
+
+def _preview(text: object, limit: int = 40) -> str:
+    shown = repr(text)
+    return shown if len(shown) <= limit else shown[: limit - 3] + "..."
 
 
 def _finite(values: dict[str, float | None]) -> tuple[dict[str, float | None], dict[str, str]]:

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from saex.storage.cache import MANIFEST, Cache, CacheError, cache_key
+from saex.storage.cache import MANIFEST, Cache, CacheError, _digest, cache_key
 from saex.storage.fingerprints import file_digest
 
 PARTS: dict[str, Any] = {
@@ -213,6 +213,88 @@ def test_names_from_a_manifest_never_leave_the_directory(tmp_path, name):
     assert cache.file("things", "k1", "a.bin") == tmp_path / "things" / "k1" / "a.bin"
     with pytest.raises(CacheError, match="is not a file of this artifact"):
         cache.file("things", "k1", name)
+
+
+def _list_in_manifest(path: Path, name: str, target: Path) -> None:
+    """Add ``name`` to an entry's manifest with ``target``'s hash, and make the digest match (a forger's edit)."""
+    manifest = json.loads((path / MANIFEST).read_text())
+    manifest["files"][name] = file_digest(target)
+    manifest["digest"] = _digest(manifest["key"], manifest["meta"], manifest["files"])
+    (path / MANIFEST).write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("name", ["../../../outside.txt", "OUTSIDE", "../k2/a.bin", "./a.bin"])
+def test_a_manifest_listing_a_name_out_of_its_directory_is_corrupt(tmp_path, capsys, name):
+    """Hostile case (issue 21): a manifest whose file list names a file outside the entry, with its hash and the
+    digest made to match, had ``get`` hash that file and accept the entry. The name is refused before anything
+    is opened, as ``files`` refuses it; the entry is moved aside and rebuilt like any corrupt one."""
+    cache = Cache(tmp_path / "cache")
+    outside = tmp_path / "outside.txt"
+    outside.write_text("not the cache's\n")
+    cache.put("things", "k2", write_two_files)
+    path = cache.put("things", "k1", write_two_files)
+    name = str(outside) if name == "OUTSIDE" else name
+    _list_in_manifest(path, name, path / name)  # every one of these names reaches a real file with that hash
+    assert cache.get("things", "k1") is None
+    err = capsys.readouterr().err
+    problem = f"manifest.json lists names that are not plain file names of the entry: {name!r}"
+    assert f"saex: cached things/k1 failed verification ({problem}); moved to {tmp_path / 'cache'}" in err
+    assert outside.read_text() == "not the cache's\n" and cache.get("things", "k2") is not None
+    assert cache.put("things", "k1", write_two_files) == path and cache.get("things", "k1") == path
+
+
+def _planted_symlink(path: Path, outside: Path) -> str:
+    (outside / "a.bin").write_bytes((path / "a.bin").read_bytes())  # the same bytes: only the link is wrong
+    (path / "a.bin").unlink()
+    (path / "a.bin").symlink_to(outside / "a.bin")
+    return "not plain files: a.bin (symbolic link)"
+
+
+def _symlinked_manifest(path: Path, outside: Path) -> str:
+    (outside / MANIFEST).write_bytes((path / MANIFEST).read_bytes())
+    (path / MANIFEST).unlink()
+    (path / MANIFEST).symlink_to(outside / MANIFEST)
+    return "manifest.json is a symbolic link, not a plain file"
+
+
+def _symlinked_entry(path: Path, outside: Path) -> str:
+    copy = outside / "k1"
+    path.rename(copy)
+    path.symlink_to(copy, target_is_directory=True)
+    return "the entry is a symbolic link, not a folder"
+
+
+def _planted_folder(path: Path, outside: Path) -> str:
+    (path / "sub").mkdir()
+    return "not plain files: sub (folder)"
+
+
+@pytest.mark.parametrize("damage", [_planted_symlink, _symlinked_manifest, _symlinked_entry, _planted_folder])
+def test_a_symlink_inside_an_entry_is_corrupt_on_read_as_on_write(tmp_path, capsys, damage):
+    """Hostile case (issue 21): a file of an entry (an activation shard) replaced by a symbolic link to a copy
+    outside the cache was followed and accepted; ``put`` refuses links, and now ``get`` does too: the entry is
+    moved aside (the link itself, never its target) and rebuilt."""
+    cache = Cache(tmp_path / "cache")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    path = cache.put("things", "k1", write_two_files)
+    problem = damage(path, outside)
+    before = sorted((p.name, p.read_bytes()) for p in outside.rglob("*") if p.is_file())
+    assert cache.get("things", "k1") is None
+    assert f"saex: cached things/k1 failed verification ({problem}); moved to" in capsys.readouterr().err
+    assert sorted((p.name, p.read_bytes()) for p in outside.rglob("*") if p.is_file()) == before
+    assert [p.name.split("-")[0] for p in (tmp_path / "cache" / "things").iterdir()] == ["k1.corrupt"]
+    assert cache.put("things", "k1", write_two_files) == path and cache.get("things", "k1") == path
+    assert not any(p.is_symlink() for p in path.iterdir())
+
+
+def test_put_refuses_a_symlink(tmp_path):
+    def linked(directory: Path) -> dict[str, Any]:
+        (directory / "a.bin").symlink_to(tmp_path / "elsewhere")
+        return {}
+
+    with pytest.raises(CacheError, match="things/k1: an artifact holds plain files only"):
+        Cache(tmp_path).put("things", "k1", linked)
 
 
 def test_temporary_directories_of_dead_processes_are_removed(tmp_path):
