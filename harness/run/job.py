@@ -25,6 +25,7 @@ class WorkerSpec:
     store: str
     cache: str
     device: str
+    owner: str = ""  # the driver's store owner: workers claim cells in its name (empty: each worker's own)
 
 
 @dataclass
@@ -42,6 +43,15 @@ class Job:
     def models(self) -> list[str]:
         return [m for m in self.runner.registry.matrix(self.matrix).models if any(c.model == m for c in self.cells)]
 
+    def done(self) -> int:
+        """How many of the job's cells are done in the store."""
+        return sum(self.runner.store.status(c.key(self.runner.registry)) == "done" for c in self.cells)
+
+    def release(self, reason: str) -> int:
+        """Give back the job's cells still running in this process's name (an interrupted run: ``reason``, stored
+        as their error), for the next run to compute; returns how many."""
+        return self.runner.store.release((c.key(self.runner.registry) for c in self.cells), reason)
+
     def groups(self, model: str) -> list[tuple[str | None, list[Cell]]]:
         """(compression or None for M, cells of one hook) in computation order, for one model."""
         matrix = self.runner.registry.matrix(self.matrix)
@@ -58,7 +68,9 @@ class Job:
         return out
 
     def worker_spec(self) -> WorkerSpec:
-        """The run as plain data (absolute paths, cell keys) for ``saex.worker_step`` on another machine."""
+        """The run as plain data (absolute paths, cell keys) for ``saex.worker_step`` on another machine. Workers
+        claim cells in the driver's name, so a claim lives as long as the driver and ``release()`` gives back the
+        cells of an interrupted run."""
         registry = self.runner.registry
         return WorkerSpec(
             tuple(str(f.resolve()) for f in registry.files),
@@ -67,4 +79,5 @@ class Job:
             str(self.runner.store.path.resolve()),
             str(self.runner.cache.root.resolve()),
             str(self.device),
+            self.runner.store.owner,
         )
