@@ -1,4 +1,4 @@
-"""The ``saex`` command: setup, plugins, validate, run, report, browse, lm-eval.
+"""The ``saex`` command: setup, plugins, validate, run, report, browse, export, lm-eval.
 
 Exit codes: 0 success, 1 some cells failed, 2 bad input (registry, plugin params, arguments).
 """
@@ -20,7 +20,12 @@ from saex.data.assets import AssetError, kjv_jsonl, smollm2_dir
 from saex.model.loading import resolve_device
 from saex.plugin.manager import KIND_HOOKS, PluginError, Plugins, load_plugins
 from saex.report.browser import BrowseError, Selection, browse
-from saex.report.markdown import ReportExists, Section, markdown, write_report
+from saex.report.cells import with_sae_labels
+from saex.report.markdown import ReportExists, ReportFolderError, Section, markdown, write_report
+from saex.report.summary import next_steps, summary
+from saex.run.export import FIELDS as EXPORT_FIELDS
+from saex.run.export import FORMATS as EXPORT_FORMATS
+from saex.run.export import ExportError, export_sae
 from saex.run.outputs import declared_outputs
 from saex.run.runner import Runner
 from saex.storage.cache import Cache
@@ -73,11 +78,16 @@ def _parser() -> argparse.ArgumentParser:
         default="local",
         help="how cells are computed: local (default), ray, or an `executors` entry of the registry",
     )
-    p = sub.add_parser("report", help="a matrix's results (or every row) as markdown; with --out, also PNG figures")
+    p = sub.add_parser(
+        "report",
+        help="a matrix's results (or every row): a compact table per group, --full for the markdown report; with "
+        "--out, report.md, PNG figures and the HTML site",
+    )
     with_registry(p)
     with_store(p)
     p.add_argument("matrix", nargs="?")
-    p.add_argument("--layers", action="store_true", help="also list every compressed layer")
+    p.add_argument("--full", action="store_true", help="print the full markdown report instead of the compact view")
+    p.add_argument("--layers", action="store_true", help="also list every compressed layer (implies --full)")
     p.add_argument("--out", type=Path, help="write report.md and PNG figures into this folder instead of printing")
     p.add_argument("--force", action="store_true", help="with --out: overwrite report files that already exist")
     p.add_argument("--features", action="store_true", help="with --out and a matrix: add the feature browser")
@@ -91,6 +101,20 @@ def _parser() -> argparse.ArgumentParser:
     for name in ("model", "hook", "sae", "compression"):
         p.add_argument(f"--{name}", help=f"only this {name} of the matrix (default: every one)")
     with_selection(p)
+    p = sub.add_parser(
+        "export",
+        help="write the SAE of a finished cell to a folder in SAELens's format (or saex's); prints the folder",
+    )
+    with_registry(p)
+    with_store(p)
+    p.add_argument("--out", type=Path, required=True, help="the folder to write (refused if it exists, unless --force)")
+    p.add_argument("--key", help="the cell's key, or a unique start of it (`saex report MATRIX` lists them)")
+    p.add_argument("--matrix", help="the cell's matrix (with its fields below, or to narrow --key)")
+    for name in EXPORT_FIELDS:
+        p.add_argument(f"--{name}", help=f"the cell's {name} (needed only where the matrix has several)")
+    p.add_argument("--format", choices=EXPORT_FORMATS, default="saelens", help="saelens (default) or saex")
+    p.add_argument("--force", action="store_true", help="write into an existing folder, replacing its SAE files")
+    p.add_argument("--device", type=_device_name, default="cpu", help="where the model is opened to find the SAE")
     # listed for --help only: ``main`` hands everything after ``lm-eval`` to lm-eval's own parser
     sub.add_parser(
         "lm-eval",
@@ -111,18 +135,29 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_lm_eval(argv[1:])
     args = _parser().parse_args(argv)
     os.environ.setdefault("LLM_COMPRESSOR_LOG_LEVEL", "WARNING")  # it logs every module at INFO otherwise
+    from saex.plugin.protocols import ExecutorError
+
     try:
         return COMMANDS[args.command](args)
-    except (RegistryError, PluginError, StoreError) as exc:
+    except (RegistryError, PluginError, StoreError, ExecutorError) as exc:
         print(f"saex: error: {exc}", file=sys.stderr)
         return 2
     except AssetError as exc:
         print(f"saex: set-up failed: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as exc:  # Ctrl-C: finished cells are in the store; claims of the rest are given back
+        told = str(exc) or "cells done so far are kept, the rest are computed by the next run"
+        print(f"saex: interrupted; {told}", file=sys.stderr)
+        return 130
 
 
 def _registry(args: argparse.Namespace, plugins: Plugins) -> Registry:
-    return load_registry([PROJECT_REGISTRY, *args.registry], plugins)
+    """The registry read for the command's matrix: only problems of the files as a whole, of that matrix and of
+    the entries it uses refuse the command; those elsewhere are printed as warnings (all refuse without one)."""
+    registry = load_registry([PROJECT_REGISTRY, *args.registry], plugins, matrix=getattr(args, "matrix", None))
+    for warning in registry.warnings:
+        print(f"saex: warning: {warning}", file=sys.stderr)
+    return registry
 
 
 def cmd_setup(args: argparse.Namespace) -> int:
@@ -175,7 +210,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
     names = [args.matrix] if args.matrix else sorted(registry.matrices)
     for name in names:
         print(f"matrix {name}: {len(expand(name, registry.matrix(name)))} cells")
-    print("registry OK: " + ", ".join(sorted(set(registry.origins.values()))))
+    files = ", ".join(sorted(set(registry.origins.values())))
+    if registry.warnings:
+        count = len(registry.warnings)
+        print(f"matrix {args.matrix} OK ({count} problem{'s' * (count > 1)} elsewhere, warned above): {files}")
+    else:
+        print(f"registry OK: {files}")
     return 0
 
 
@@ -195,8 +235,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         log=lambda m: print(f"saex: {m}", file=sys.stderr),
     )
     results = runner.run(args.matrix, args.executor)
-    print(markdown(f"matrix {args.matrix}", results, outputs))
-    print(f"results stored in {args.store}")
+    print(summary(f"matrix {args.matrix}", with_sae_labels(results), outputs))
+    print()
+    print(next_steps(args.matrix, str(args.store), _finding_options(args)))
     failed = [r for r in results if r.status != "done"]
     return 1 if failed else 0
 
@@ -211,16 +252,21 @@ def cmd_report(args: argparse.Namespace) -> int:
     if args.matrix:
         registry = _registry(args, plugins)
         cells = expand(args.matrix, registry.matrix(args.matrix))
-        results = [r for c in cells if (r := store.get(c.key(registry))) is not None]
+        results = with_sae_labels(r for c in cells if (r := store.get(c.key(registry))) is not None)
         missing = len(cells) - len(results)
         note = f"{missing} of {len(cells)} cells have no result yet." if missing else ""
         sections = [Section(f"matrix {args.matrix}", results, note, store.phase_totals(args.matrix))]
+        names = [args.matrix]
     else:
+        names = sorted({r.matrix for r in store.rows()})
         sections = [
-            Section(f"matrix {name}", list(store.rows(name)), phases=store.phase_totals(name))
-            for name in sorted({r.matrix for r in store.rows()})
+            Section(f"matrix {name}", with_sae_labels(store.rows(name)), phases=store.phase_totals(name))
+            for name in names
         ]
-    if not args.out:
+    if args.full and args.out:
+        print("saex: error: --full prints the report; with --out it is written to report.md", file=sys.stderr)
+        return 2
+    if not args.out and (args.full or args.layers):
         for section in sections:
             print(
                 markdown(
@@ -233,6 +279,12 @@ def cmd_report(args: argparse.Namespace) -> int:
                 )
             )
         return 0
+    if not args.out:  # the compact view, as `saex run` ends
+        for name, section in zip(names, sections):
+            print(summary(section.title, section.results, outputs, note=section.note))
+            print()
+            print(next_steps(name, str(args.store), _finding_options(args)))
+        return 0
     if args.features and not args.matrix:
         print("saex: error: --features needs a matrix", file=sys.stderr)
         return 2
@@ -241,7 +293,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         written = write_report(args.out, sections, outputs, layers=args.layers, force=args.force, features=features)
         if args.features:
             written += _browse(args, plugins, registry, sections[0].results, link_report=True)
-    except (ReportExists, BrowseError) as exc:
+    except (ReportExists, ReportFolderError, BrowseError) as exc:
         print(f"saex: error: {exc}", file=sys.stderr)
         return 2
     for path in dict.fromkeys(written):  # the site's assets are shared by the report and the browser
@@ -250,6 +302,14 @@ def cmd_report(args: argparse.Namespace) -> int:
         if section.note:
             print(f"saex: {section.title}: {section.note}", file=sys.stderr)
     return 0
+
+
+def _finding_options(args: argparse.Namespace) -> list[str]:
+    """The ``--registry`` and ``--store`` arguments a later command needs to find this command's results."""
+    options = [f"--registry {path}" for path in args.registry]
+    if args.store != Path(os.environ.get("SAEX_STORE", DEFAULT_STORE)):
+        options.append(f"--store {args.store}")
+    return options
 
 
 def _browse(
@@ -286,6 +346,37 @@ def cmd_browse(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    plugins = load_plugins()
+    store = ResultsStore.existing(args.store)
+    scope = args.matrix
+    if args.key and not scope:  # the registry is read for the matrix of the cell the key names
+        found = {r.matrix for r in store.rows() if r.key.startswith(args.key)}
+        scope = found.pop() if len(found) == 1 else None
+    registry = _registry(argparse.Namespace(**{**vars(args), "matrix": scope}), plugins)
+    try:
+        exported = export_sae(
+            plugins,
+            registry,
+            store,
+            saex_home() / "cache",
+            args.out,
+            matrix=args.matrix,
+            key=args.key,
+            fields={name: getattr(args, name) for name in EXPORT_FIELDS},
+            format=args.format,
+            force=args.force,
+            device=resolve_device(args.device),
+            log=lambda m: print(f"saex: {m}", file=sys.stderr),
+        )
+    except ExportError as exc:
+        print(f"saex: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"saex: cell {exported.key} ({exported.cell.label}): {exported.format} format", file=sys.stderr)
+    print(exported.path)
+    return 0
+
+
 def cmd_lm_eval(argv: list[str]) -> int:
     from saex.downstream.lmeval import main as lm_eval_main  # lm-eval loads only for this command
 
@@ -300,6 +391,7 @@ COMMANDS = {
     "run": cmd_run,
     "report": cmd_report,
     "browse": cmd_browse,
+    "export": cmd_export,
 }
 
 if __name__ == "__main__":

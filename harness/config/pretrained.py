@@ -35,6 +35,8 @@ from saex.model.hookpoints import parse_hook
 from saex.sae.base import SAEFile, SAEFormatError
 from saex.sae.formats import FORMAT_NAMES, describe
 
+SAE_LABEL = "sae_label"  # the cell details' key naming the loaded SAE a cell's SAE is or derives from (its label)
+
 
 def _known_format(format: str | None) -> str | None:
     if format is not None and format not in FORMAT_NAMES:
@@ -75,12 +77,20 @@ class ReleaseEntry(BaseModel):
 
 @dataclass(frozen=True)
 class LoadedRef:
-    """A ``loaded:`` source resolved: the files, what they say (``file``), and the saex hook it belongs to."""
+    """A ``loaded:`` source resolved: the files, what they say (``file``), the saex hook it belongs to, and the
+    release/id it was named by (None for a path)."""
 
     source: str  # as the matrix writes it
     path: Path
     file: SAEFile
     hook: str | None
+    release_id: str | None = None  # "<release>/<id>" when named through the registry's ``releases``
+
+    @property
+    def label(self) -> str:
+        """How the report, the site and the store's details name this SAE: its own identity, never the matrix's
+        ``saes`` entry (``loaded_label``)."""
+        return loaded_label(self.file.format, self.path, self.release_id)
 
     def identity(self) -> dict[str, Any]:
         """For cell keys: the format and the files (path, sizes, modification times): results of a replaced file
@@ -118,7 +128,20 @@ def resolve_loaded(
     if hook and found.saex_hook and hook != found.saex_hook:
         message = f"contradicts the SAE's files, which say it was trained on {found.hook} ({found.saex_hook})"
         raise RegistryError(file, f"{where}.hook", message, hook)
-    return LoadedRef(text, path.resolve(), found, hook or found.saex_hook)
+    release_id = f"{name}/{sae_id}" if name in releases else None
+    return LoadedRef(text, path.resolve(), found, hook or found.saex_hook, release_id)
+
+
+def loaded_label(format: str, path: str | Path, release_id: str | None = None) -> str:
+    """A loaded SAE's name: ``<format>:<release>/<id>`` for an SAE of a release, else ``<format>:`` and the name
+    of its folder, or of its file with the folder it is in (``gemmascope:average_l0_82/params.npz``,
+    ``openai:autoencoders/5.pt``, ``saelens:my-sae``)."""
+    if release_id:
+        return f"{format}:{release_id}"
+    path = Path(path)
+    is_file = path.is_file() or (not path.exists() and path.suffix in (".npz", ".pt", ".pth", ".safetensors"))
+    name = f"{path.parent.name}/{path.name}" if is_file and path.parent.name else path.name
+    return f"{format}:{name or path}"
 
 
 def check_hooks(ref: LoadedRef, hooks: list[str], file: str, matrix: str, index: int) -> None:

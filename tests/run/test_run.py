@@ -190,10 +190,12 @@ def test_cli_run_then_report(tmp_path, registry_file, monkeypatch, capsys):
     store = tmp_path / "cli.sqlite"
     assert main(["run", "t", "--registry", str(registry_file), "--store", str(store), "--no-progress"]) == 0
     out = capsys.readouterr().out
-    assert out.count("| done |") == 10 and "mean sparsity" in out
+    assert out.startswith("matrix t: 10 cells, 10 done\n")  # the compact summary (saex.report.summary)
     assert main(["report", "t", "--registry", str(registry_file), "--store", str(store)]) == 0
+    assert capsys.readouterr().out == out  # the same view from the store
+    assert main(["report", "t", "--registry", str(registry_file), "--store", str(store), "--full"]) == 0
     report = capsys.readouterr().out
-    assert report.count("| done |") == 10
+    assert report.count("| done |") == 10 and "mean sparsity" in report
 
 
 def test_hook_beyond_the_model_is_a_registry_error_with_exit_2(tmp_path, registry_file, monkeypatch, capsys):

@@ -14,7 +14,9 @@ import yaml
 from conftest import tiny3_matrix, tiny3_sections
 from safetensors.torch import load_file, save_file
 
-from saex.cli import main
+from saex.cli import PROJECT_REGISTRY, main
+from saex.config.registry import load_registry
+from saex.plugin.manager import load_plugins
 from saex.storage.results import ResultsStore
 
 sae_lens = pytest.importorskip("sae_lens")
@@ -98,6 +100,70 @@ def test_bfloat16_saelens_sae_runs_end_to_end_and_its_retrained_is_its_architect
     assert like == {"architecture": "relu", "d_sae": D_SAE, "source": f"loaded:{path}"}  # not the `small` topk
     assert math.isfinite(rows[("retrained", "mag")]["metrics"]["dec_match_mean_max_cos"])  # against the loaded SAE
     assert rows[("pruned:mag@0.5", "mag")]["details"]["pruning"]["achieved"]["sparsity"] == pytest.approx(0.5)
+    # named by its own identity (format and folder name), and so are the SAEs derived from it, never `small`
+    assert {r["details"].get("sae_label") for r in rows.values()} == {"saelens:lens"}
+
+
+def test_a_loaded_sae_is_named_by_its_identity_in_report_and_site(tmp_path, text_corpus, capsys):
+    path = saelens_sae(tmp_path / "lens")
+    reg = registry(tmp_path, text_corpus, ["original", f"loaded:{path}", "pruned:mag@0.5"])
+    store = tmp_path / "r.sqlite"
+    assert main(["run", "t", "--registry", str(reg), "--store", str(store), "--no-progress"]) == 0
+    summary = capsys.readouterr().out
+    titles = [line for line in summary.splitlines() if line.startswith("layers.1.resid_post · ")]
+    assert titles == [
+        "layers.1.resid_post · SAE small · M_c = mag",
+        "layers.1.resid_post · SAE saelens:lens · M_c = mag",
+    ]
+    block = summary[summary.index(titles[1]) :].splitlines()[1:6]
+    assert [line.split()[1:3] for line in block if not line.startswith(" ")] == [
+        ["source", "scored"],
+        ["loaded", "M"],
+        ["loaded", "M_c"],
+        ["pruned:mag@0.5", "M_c"],
+    ]
+    assert "  Δ vs loaded  " in summary  # the pruned SAE against the loaded one it was pruned from
+
+    assert main(["report", "t", "--registry", str(reg), "--store", str(store), "--full"]) == 0
+    full = capsys.readouterr().out
+    every = full[full.index("### Every cell") :]
+    assert every.count("| saelens:lens |") == 3 and every.count("| small |") == 2
+    assert "| small | loaded:" not in full and "| small | pruned:" not in full
+    out = tmp_path / "site"
+    assert main(["report", "t", "--registry", str(reg), "--store", str(store), "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert "saelens:lens" in (out / "index.html").read_text() and "saelens:lens" in (out / "report.md").read_text()
+
+    exported = tmp_path / "exported"  # taken out again: SAELens reads the same SAE, its label recorded
+    args = ["export", "--registry", str(reg), "--store", str(store), "--matrix", "t", "--out", str(exported)]
+    assert main([*args, "--source", f"loaded:{path}"]) == 0
+    assert capsys.readouterr().out == f"{exported}\n"
+    meta = json.loads((exported / "cfg.json").read_text())["metadata"]
+    assert (meta["hook_name"], meta["saex_cell"]["sae_label"]) == ("blocks.1.hook_resid_post", "saelens:lens")
+    x = torch.randn(64, D_MODEL, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        theirs = sae_lens.SAE.load_from_disk(str(path), device="cpu").encode(x)
+        assert torch.equal(sae_lens.SAE.load_from_disk(str(exported), device="cpu").encode(x), theirs)
+
+
+def test_labels_of_loaded_saes():
+    from saex.config.pretrained import loaded_label
+    from saex.report.cells import sae_label
+    from saex.storage.results import CellResult
+
+    assert loaded_label("gemmascope", "/x/layer_12/width_16k/average_l0_82/params.npz") == (
+        "gemmascope:average_l0_82/params.npz"
+    )
+    assert loaded_label("openai", "/x/v5_32k/autoencoders/5.pt") == "openai:autoencoders/5.pt"
+    assert loaded_label("saelens", "/x/my-sae") == "saelens:my-sae"
+    assert loaded_label("sparsify", "/x/sae-llama/layers.10.mlp", "eleuther/L10-mlp") == "sparsify:eleuther/L10-mlp"
+    cell = {"model": "m", "hook": "layers.1.resid_post", "sae": "small", "source": "retrained"}
+    old = {"resolved": {"loaded": {"format": "saelens", "path": "/x/lens", "files": "0f"}}}  # no label stored
+    assert sae_label(CellResult("k", "t", cell, "done", config=old)) == "saelens:lens"
+    assert sae_label(CellResult("k", "t", cell, "done", details={"sae_label": "gemmascope:gs/L1"}, config=old)) == (
+        "gemmascope:gs/L1"
+    )
+    assert sae_label(CellResult("k", "t", cell, "done", config={"resolved": {}})) == "small"
 
 
 def _rows(store: Path) -> list[dict]:
@@ -125,6 +191,8 @@ def test_a_release_names_its_saes_by_id(tmp_path, text_corpus, capsys):
         reg = registry(tmp_path, text_corpus, [source], releases=release, matrix=matrix)
         assert main(["validate", "t", "--registry", str(reg)]) == 0
     capsys.readouterr()
+    registry_read = load_registry([PROJECT_REGISTRY, reg], load_plugins())
+    assert registry_read.loaded_sae("t", "loaded:eleuther/L1").label == "sparsify:eleuther/L1"  # release/id
     reg = registry(tmp_path, text_corpus, ["loaded:eleuther/L2"], releases=release)
     assert main(["validate", "t", "--registry", str(reg)]) == 2
     err = capsys.readouterr().err
@@ -220,6 +288,7 @@ def test_openai_topk_sae_is_retrained_with_its_k_width_and_layer_norm(tmp_path, 
     assert all(r["status"] == "done" for r in rows.values()) and len(rows) == 3
     assert rows[(f"loaded:{path}", None)]["metrics"]["l0"] <= 4
     assert rows[("retrained", "mag")]["details"]["retrained_like"]["architecture"] == "topk"
+    assert rows[("retrained", "mag")]["details"]["sae_label"] == "openai:autoencoders/1.pt"
     (saved,) = [p.parent for p in (tmp_path / "home").rglob("cfg.json")]  # the retrained SAE: nothing else is
     retrained = json.loads((saved / "cfg.json").read_text())
     assert (retrained["architecture"], retrained["d_sae"], retrained["params"]["k"]) == ("topk", D_SAE, 4)
