@@ -16,7 +16,8 @@ damaged, the most intact and a seeded random sample of the latents firing on M (
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -244,18 +245,107 @@ def _number(value: float) -> float | None:
     return float(f"{value:.4g}") if math.isfinite(value) else None
 
 
+BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # a SentencePiece byte-fallback token
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """Byte-level BPE's (GPT-2's) printable stand-in character of each byte -> the byte."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    moved = [b for b in range(256) if b not in kept]
+    return {chr(c): b for c, b in zip([*kept, *(256 + n for n in range(len(moved)))], [*kept, *moved])}
+
+
+BYTE_LEVEL = _byte_level_alphabet()
+
+
+def _utf8_length(lead: int) -> int:
+    """Bytes of the UTF-8 sequence ``lead`` starts (0: not a lead byte)."""
+    for length, (low, high) in enumerate(((0x00, 0x7F), (0xC2, 0xDF), (0xE0, 0xEF), (0xF0, 0xF4)), start=1):
+        if low <= lead <= high:
+            return length
+    return 0
+
+
+def _visible(text: str) -> str:
+    return text.replace("\n", "↵").replace("\t", "⇥")
+
+
 class TokenText:
-    """Display text of token ids (decoded one by one, line breaks and tabs made visible), decoded once each."""
+    """Display text of token ids, made once each. A token is shown as its bytes read as UTF-8, line breaks and tabs
+    made visible; bytes that are no whole character (a byte token, a piece of a character split across tokens) as
+    ``<0xE2>``, never as "�". In a run of tokens (``run``) a character split across tokens is shown whole on the
+    token where it starts."""
 
     def __init__(self, tokenizer: "PreTrainedTokenizerBase"):
         self.tokenizer = tokenizer
         self.known: dict[int, str] = {}
+        self.raw: dict[int, bytes | None] = {}
+
+    def bytes_of(self, token: int) -> bytes | None:
+        """The token's bytes: its decoded text's where that is whole UTF-8, else read from its vocabulary entry
+        (``<0xE2>`` byte-fallback tokens, byte-level BPE's alphabet); None where neither tells."""
+        if token not in self.raw:
+            text = self.tokenizer.decode([token], clean_up_tokenization_spaces=False)
+            found: bytes | None = text.encode()
+            if "\ufffd" in text:
+                piece = self.tokenizer.convert_ids_to_tokens(token)
+                match = BYTE_TOKEN.fullmatch(piece) if isinstance(piece, str) else None
+                if match:
+                    found = bytes([int(match[1], 16)])
+                elif isinstance(piece, str) and piece and all(c in BYTE_LEVEL for c in piece):
+                    found = bytes(BYTE_LEVEL[c] for c in piece)
+                else:
+                    found = None
+            self.raw[token] = found
+        return self.raw[token]
 
     def __call__(self, token: int) -> str:
         if token not in self.known:
-            text = self.tokenizer.decode([token], clean_up_tokenization_spaces=False)
-            self.known[token] = text.replace("\n", "↵").replace("\t", "⇥") or "∅"
+            ((text, _),) = self.run([token])
+            self.known[token] = text
         return self.known[token]
+
+    def run(self, tokens: Sequence[int], before: int = 0, after: int = 0) -> list[tuple[str, bool]]:
+        """(text, continues) of each token of ``tokens`` but the ``before`` first and ``after`` last, which are read
+        only to complete characters split across the edges (a character begun before the first token shown is shown
+        on it): ``continues`` where all of a token's bytes belong to a character shown on an earlier token (its text
+        is then empty)."""
+        texts = [""] * len(tokens)
+        owners: list[int] = []  # the token of each byte in ``buffer``
+        buffer = bytearray()
+
+        def flush() -> None:
+            at = 0
+            while at < len(buffer):
+                length = _utf8_length(buffer[at])
+                try:
+                    char = bytes(buffer[at : at + length]).decode() if length and at + length <= len(buffer) else None
+                except UnicodeDecodeError:
+                    char = None
+                if char is None:
+                    texts[owners[at]] += f"<0x{buffer[at]:02X}>"
+                    at += 1
+                    continue
+                owner = owners[at] if owners[at] >= before else min(before, owners[at + length - 1])
+                texts[owner] += char
+                at += length
+            buffer.clear()
+            owners.clear()
+
+        for i, token in enumerate(tokens):
+            data = self.bytes_of(token)
+            if data is None:  # its decoded text as it is, between the characters before and after it
+                flush()
+                texts[i] = self.tokenizer.decode([token], clean_up_tokenization_spaces=False)
+                continue
+            buffer += data
+            owners += [i] * len(data)
+        flush()
+        shown = range(before, len(tokens) - after)
+        return [
+            (_visible(texts[i]) or "∅", False) if texts[i] or not self.bytes_of(tokens[i]) else ("", True)
+            for i in shown
+        ]
 
 
 MODELS = {"m": "M", "mc": "M_c"}
@@ -270,14 +360,20 @@ def _context(b: Browser, text: TokenText, latent: int, column: int, model: str, 
         return float(t[f"window_{which}"][int(torch.searchsorted(t["rows"], token_row)), column])
 
     tokens = []
-    for flat in b.windows.window(row):
+    window = b.windows.window(row)
+    block = window.start - window.start % b.windows.block_size
+    around = range(max(block, window.start - 3), min(block + b.windows.block_size, window.stop + 3))
+    ids = [int(b.windows.ids[flat]) for flat in around]
+    shown = text.run(ids, window.start - around.start, around.stop - window.stop)
+    for flat, (piece_text, continues) in zip(window, shown):
         token_row = int(b.windows.row_of[flat])
-        piece = {"text": text(int(b.windows.ids[flat])), "alpha": 0.0, "title": "special token", "max": False}
+        piece = {"text": piece_text, "alpha": 0.0, "title": "special token", "max": False, "continues": continues}
         if token_row >= 0:
             mine, theirs = on(model, token_row), on(other, token_row)
             piece |= {
                 "alpha": round(max(0.0, mine) / float(t["hist_max"][column]), 3),
-                "title": f"{MODELS[model]}: {mine:.3g} · {MODELS[other]}: {theirs:.3g}",
+                "title": f"{MODELS[model]}: {mine:.3g} · {MODELS[other]}: {theirs:.3g}"
+                + (" · the rest of the character before" if continues else ""),
                 "max": token_row == row,
             }
         tokens.append(piece)

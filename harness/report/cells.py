@@ -7,9 +7,10 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from saex.config.matrix import BASE
+from saex.config.pretrained import SAE_LABEL, loaded_label
 from saex.config.sources import Source, parse_source
 from saex.storage.results import CellResult
 
@@ -22,6 +23,52 @@ SOURCE_MARKS = {
     "retrained": ("s", "square"),
     "pruned": ("^", "triangle-up"),
 }
+# One colour per SAE source kind, the same in every figure: the PNGs (matplotlib) and the site's (plotly). Each
+# kind is one hue; where a figure holds several sources of a kind (pruned:wanda and pruned:magnitude, two loaded
+# SAEs) they take its further shades, in table order (``source_colours``). A figure coloured by something else
+# says so in its legend and draws it in colours no source kind has: the scored model (M in SCORED_ON_M, the
+# compressions in COMPRESSION_COLOURS, by the matrix's order); a pruned SAE's strategy is a source (the pruned hue).
+SOURCE_COLOURS = {
+    "original": ("#1f77b4", "#0b4a80", "#6fa8dc", "#a9cce8"),  # blue
+    "loaded": ("#9467bd", "#5e3a86", "#bb9ddb", "#d5c4ea"),  # purple
+    "finetuned": ("#2ca02c", "#17661a", "#74c476", "#a6dba0"),  # green
+    "retrained": ("#ff7f0e", "#b35400", "#fdae6b", "#fdd0a2"),  # orange
+    "pruned": ("#d62728", "#8c1516", "#f07b72", "#f4aaa4"),  # red
+}
+OTHER_COLOURS = ("#7f7f7f", "#4d4d4d", "#b0b0b0")  # a source saex.config.sources does not know
+SCORED_ON_M = "#3b3b3b"
+COMPRESSION_COLOURS = ("#17becf", "#8c564b", "#e377c2", "#bcbd22", "#0f7c87", "#c49c94")
+ON_M_TINT = 0.55  # a transfer-gap bar of an SAE on M: its colour on M_c mixed this much with white
+
+
+def source_colours(sources: Iterable[str]) -> dict[str, str]:
+    """Each source's colour (hex): its kind's (``SOURCE_COLOURS``), the kind's next shade for each further source of
+    that kind, in table order."""
+    taken: dict[str, int] = {}
+    colours = {}
+    for source in sorted(unique(sources), key=source_rank):
+        kind = source_kind(source)
+        shades = SOURCE_COLOURS.get(kind, OTHER_COLOURS)
+        taken[kind] = taken.get(kind, -1) + 1
+        colours[source] = shades[taken[kind] % len(shades)]
+    return colours
+
+
+def scored_colours(results: Iterable[CellResult]) -> dict[str, str]:
+    """Where a figure colours by the scored model: ``M`` and each compression of ``results`` in matrix order, keyed
+    by both its name and its ``scored_on`` label (``M_c (<compression>)``)."""
+    compressions = unique(r.cell["compression"] for r in results if not on_base(r))
+    colours = {"M": SCORED_ON_M}
+    for i, compression in enumerate(compressions):
+        colour = COMPRESSION_COLOURS[i % len(COMPRESSION_COLOURS)]
+        colours |= {compression: colour, f"M_c ({compression})": colour}
+    return colours
+
+
+def tint(colour: str, share: float = ON_M_TINT) -> str:
+    """``colour`` (``#rrggbb``) mixed with white: ``share`` of white."""
+    channels = (int(colour[i : i + 2], 16) for i in (1, 3, 5))
+    return "#" + "".join(f"{round(c + (255 - c) * share):02x}" for c in channels)
 
 
 # --- reading cells ----------------------------------------------------------------------------------------
@@ -169,6 +216,26 @@ def transfer_gap_rows(results: list[CellResult], names: list[str]) -> list[GapRo
 def scored_on(result: CellResult) -> str:
     """Where a cell's SAE was scored, as figures label it: ``M`` or ``M_c (<compression>)``."""
     return "M" if on_base(result) else f"M_c ({result.cell['compression']})"
+
+
+def sae_label(result: CellResult) -> str:
+    """The name a cell's SAE goes by: the matrix's ``saes`` entry, or, for an SAE that is or derives from a loaded
+    one (``loaded:``, and ``retrained`` / ``finetuned`` / ``pruned`` in its matrix), the loaded SAE's own identity
+    (``saex.config.pretrained.loaded_label``: format and release/id or file name), as the cell's details record it
+    or, for rows stored before they did, as its config's resolved files say."""
+    if isinstance(label := result.details.get(SAE_LABEL), str) and label:
+        return label
+    files = result.config.get("resolved", {}).get("loaded") if isinstance(result.config, dict) else None
+    if isinstance(files, dict) and isinstance(files.get("format"), str) and isinstance(files.get("path"), str):
+        return loaded_label(files["format"], files["path"])
+    return result.cell["sae"]
+
+
+def with_sae_labels(results: Iterable[CellResult]) -> list[CellResult]:
+    """The rows as the report shows them: each cell's ``sae`` is its SAE's label (``sae_label``), so a loaded SAE
+    and what derives from it are one panel of their own, named by the loaded SAE. Rows are copied, never changed
+    (keys, sources and everything else as stored)."""
+    return [r if (name := sae_label(r)) == r.cell["sae"] else replace(r, cell={**r.cell, "sae": name}) for r in results]
 
 
 def source_kind(source: str) -> str:

@@ -20,9 +20,21 @@ from matplotlib.ticker import ScalarFormatter
 
 from saex.analysis.survival import SURVIVAL_PROFILE
 from saex.config.sweeps import sweep_of
-from saex.report.cells import Key, compressed, metric, on_base, panels, source_of, source_rank, unique
+from saex.report.cells import (
+    SOURCE_COLOURS,
+    Key,
+    compressed,
+    metric,
+    on_base,
+    panels,
+    scored_colours,
+    source_colours,
+    source_of,
+    source_rank,
+    unique,
+)
 from saex.report.columns import COST_QUALITY, Outputs, header, in_order, short_label, sparsity_axis
-from saex.report.drawing import REFERENCE_STYLES, NoData, describe, grid, legend, marker, palette, save
+from saex.report.drawing import REFERENCE_STYLES, SHAPE_ONLY, NoData, describe, grid, legend, marker, save
 from saex.storage.results import CellResult
 
 Draw = Callable[[Path], Path]
@@ -54,7 +66,7 @@ def survival_figure(results: list[CellResult], key: Key, path: Path) -> Path:
     """Share of latents intact on M_c against their firing density on M (log), a panel per compression."""
     data = _survival_data(results, key)
     sources = sorted({s for per in data.values() for s in per}, key=source_rank)
-    colors = dict(zip(sources, palette(len(sources))))
+    colors = source_colours(sources)
     fig, axes = grid(len(data))
     for ax, (compression, per_source) in zip(axes, data.items()):
         for source, points in per_source.items():
@@ -109,10 +121,14 @@ def _finetune_data(results: list[CellResult], name: str, key: Key) -> dict[str, 
 
 def finetune_figure(results: list[CellResult], outputs: Outputs, name: str, key: Key, path: Path) -> Path:
     """``name`` against the tokens spent on M_c: fine-tuning the original (0 = the original, as transferred) and
-    training from scratch (``retrained``, a square at its training tokens), a panel per compression."""
+    training from scratch (``retrained``, a square at its training tokens), a panel per compression. Fine-tuned
+    curves take the finetuned sources' colour (a shade per seed), retrained SAEs the retrained ones'."""
     data = _finetune_data(results, name, key)
     labels = unique(label for curves, _ in data.values() for label in curves)
-    colors = dict(zip(labels, palette(len(labels))))
+    tuned = [label for label in labels if label.startswith(FINETUNED)]
+    shades = SOURCE_COLOURS["finetuned"]
+    colors = {label: shades[i % len(shades)] for i, label in enumerate(tuned)}
+    colors |= source_colours(label for label in labels if label not in colors)
     fig, axes = grid(len(data))
     for ax, (compression, (curves, retrained)) in zip(axes, data.items()):
         positive = [x for points in curves.values() for x, _ in points if x > 0]
@@ -122,7 +138,7 @@ def finetune_figure(results: list[CellResult], outputs: Outputs, name: str, key:
                 ax.axhline(retrained[label], **REFERENCE_STYLES["retrained on M_c"])
                 ax.scatter(xs, ys, s=80, marker=marker("retrained"), color=colors[label], edgecolor="black", zorder=3)
             else:
-                ax.plot(xs, ys, marker="o", color=colors[label], linewidth=2)
+                ax.plot(xs, ys, marker=marker("finetuned"), color=colors[label], linewidth=2)
         ax.set_xscale("symlog", linthresh=min(positive))
         ax.set_title(compression, fontsize=11)
         ax.set_xlabel("SAE training tokens on M_c (0 = original)")
@@ -132,7 +148,7 @@ def finetune_figure(results: list[CellResult], outputs: Outputs, name: str, key:
         Line2D(
             [],
             [],
-            marker="o" if label.startswith(FINETUNED) else marker("retrained"),
+            marker=marker("finetuned") if label.startswith(FINETUNED) else marker("retrained"),
             color=colors[label],
             label=label,
         )
@@ -168,10 +184,10 @@ def _l0_data(results: list[CellResult], outputs: Outputs, x: str, model: str, ho
 
 def l0_figure(results: list[CellResult], outputs: Outputs, x: str, model: str, hook: str, path: Path) -> Path:
     """Every ``cost_quality`` output against ``x`` (L0), one panel each: a point per cell, coloured by the scored
-    model, marked by source kind, joined along each sweep."""
+    model (``scored_colours``), marked by source kind, joined along each sweep."""
     data = _l0_data(results, outputs, x, model, hook)
     scored = unique(line[2] for lines in data.values() for line in lines)
-    colors = dict(zip(scored, palette(len(scored))))
+    colors = scored_colours(results)
     fig, axes = grid(len(data))
     for ax, (y, lines) in zip(axes, data.items()):
         for (_, source, target), points in lines.items():
@@ -185,7 +201,7 @@ def l0_figure(results: list[CellResult], outputs: Outputs, x: str, model: str, h
         ax.grid(alpha=0.3, which="both")
     kinds = unique(src.kind for lines in data.values() for line in lines if (src := source_of(line[1])))
     handles = [Line2D([], [], marker="o", linestyle="", color=colors[s], label=f"on {s}") for s in scored]
-    handles += [Line2D([], [], marker=marker(k), linestyle="", color="0.6", label=k) for k in kinds]
+    handles += [Line2D([], [], marker=marker(k), linestyle="", **SHAPE_ONLY, label=k) for k in kinds]
     legend(fig, handles)
     fig.suptitle(f"Quality against {short_label(x, outputs)}, every saes entry: {hook}", fontsize=13)
     return save(fig, path)

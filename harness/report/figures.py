@@ -21,17 +21,30 @@ from saex.report.cells import (
     metric,
     panels,
     references,
+    scored_colours,
     scored_on,
     slug,
+    source_colours,
     source_kind,
     source_of,
     source_rank,
+    tint,
     transfer_gap_rows,
     unique,
 )
 from saex.report.columns import COST_QUALITY, GAP, VS_SPARSITY, Outputs, header, in_order, short_label
 from saex.report.comparison_figures import plan_comparisons
-from saex.report.drawing import REFERENCE_STYLES, NoData, describe, grid, legend, marker, palette, save
+from saex.report.drawing import (
+    REFERENCE_STYLES,
+    SHAPE_ONLY,
+    NoData,
+    describe,
+    grid,
+    legend,
+    marker,
+    plain_log_ticks,
+    save,
+)
 from saex.run.outputs import SECONDS_TO_OBTAIN
 from saex.storage.results import CellResult
 
@@ -75,24 +88,29 @@ def _sparsity_data(results: list[CellResult], name: str, key: Key) -> list[_Spar
 
 
 def sparsity_figure(results: list[CellResult], outputs: Outputs, name: str, key: Key, path: Path) -> Path:
-    """``name`` against the SAE's pruning sparsity: one line per strategy, one panel per compression."""
+    """``name`` against the SAE's pruning sparsity: one line per strategy (the pruned sources' colour, a shade per
+    strategy), one panel per compression."""
     data = _sparsity_data(results, name, key)
     strategies = sorted({s for p in data for s in p.curves})
-    colors = dict(zip(strategies, palette(len(strategies))))
+    shades = source_colours(f"pruned:{s}" for s in strategies)
+    colors = {s: shades[f"pruned:{s}"] for s in strategies}
     fig, axes = grid(len(data))
     xs = sorted({x for p in data for points in p.curves.values() for x, _ in points})
     for ax, panel in zip(axes, data):
         for label, value in panel.lines.items():
             ax.axhline(value, **REFERENCE_STYLES[label])
         for strategy, points in panel.curves.items():
-            ax.plot([x for x, _ in points], [y for _, y in points], marker="o", color=colors[strategy], linewidth=2)
+            xs, ys = zip(*points)
+            ax.plot(xs, ys, marker=marker("pruned"), color=colors[strategy], linewidth=2)
         ax.set_title(panel.compression, fontsize=11)
         ax.set_xticks(xs)
         ax.set_xlim(min(xs) - 0.05, max(xs) + 0.05)
         ax.set_xlabel("SAE pruning sparsity (0 = original)")
         ax.set_ylabel(header(name, outputs))
         ax.grid(alpha=0.3)
-    handles = [Line2D([], [], marker="o", color=colors[s], linewidth=2, label=f"pruned: {s}") for s in strategies]
+    handles = [
+        Line2D([], [], marker=marker("pruned"), color=colors[s], linewidth=2, label=f"pruned: {s}") for s in strategies
+    ]
     handles += [
         Line2D([], [], label=label, **style)
         for label, style in REFERENCE_STYLES.items()
@@ -124,13 +142,11 @@ def _gap_data(results: list[CellResult], outputs: Outputs, key: Key) -> GapBars:
 
 
 def transfer_gap_figure(results: list[CellResult], outputs: Outputs, key: Key, path: Path) -> Path:
-    """Bars per compression: the original SAE on M (grey) and on M_c (blue), Δ written above each pair.
-
-    A ``loaded:*`` SAE scored on both gets a pair of its own (lighter grey, orange)."""
+    """Bars per compression: each SAE scored on both (``original``, ``loaded:*``) in its source's colour, light on M
+    and full on M_c, Δ written above each pair."""
     data = _gap_data(results, outputs, key)
     sources = sorted({s for per in data.values() for s in per}, key=source_rank)
-    pair_colors = [("0.6", "tab:blue"), ("0.8", "tab:orange"), ("0.45", "tab:green"), ("0.9", "tab:purple")]
-    colors = {s: pair_colors[i % len(pair_colors)] for i, s in enumerate(sources)}
+    colors = {s: (tint(c), c) for s, c in source_colours(sources).items()}
     compressions = list(dict.fromkeys(c for per in data.values() for rows in per.values() for c, _, _ in rows))
     fig, axes = grid(len(data), width=max(4.4, 1.0 + 0.9 * len(sources) * len(compressions)))
     width = 0.8 / (2 * len(sources))
@@ -189,7 +205,7 @@ def cost_quality_figure(results: list[CellResult], outputs: Outputs, name: str, 
     data = _cost_data(results, name, key)
     reference = metric(references(results).get(key), name)
     sources = sorted({s for _, points in data for s, _, _ in points}, key=source_rank)
-    colors = dict(zip(sources, palette(len(sources))))
+    colors = source_colours(sources)
     markers = {s: marker(s) for s in sources}
     fig, axes = grid(len(data))
     for ax, (compression, points) in zip(axes, data):
@@ -207,6 +223,7 @@ def cost_quality_figure(results: list[CellResult], outputs: Outputs, name: str, 
                 zorder=3,
             )
         ax.set_xscale("log")
+        plain_log_ticks(ax.xaxis)
         ax.margins(x=0.25, y=0.15)
         ax.set_title(compression, fontsize=11)
         ax.set_xlabel("seconds to obtain the SAE (log)")
@@ -243,10 +260,10 @@ def _against_data(results: list[CellResult], outputs: Outputs, x: str, key: Key)
 
 def against_figure(results: list[CellResult], outputs: Outputs, x: str, key: Key, path: Path) -> Path:
     """The outputs declared ``plotted_against`` ``x``, one panel each: a point per cell, coloured by the scored
-    model (M or a compression) and marked by SAE source kind."""
+    model (M or a compression, ``scored_colours``) and marked by SAE source kind."""
     data = _against_data(results, outputs, x, key)
     models = unique(m for points in data.values() for _, m, _, _ in points)
-    colors = dict(zip(models, palette(len(models))))
+    colors = scored_colours(results)
     kinds = unique(source_kind(s) for points in data.values() for s, _, _, _ in points)
     fig, axes = grid(len(data))
     for ax, (y, points) in zip(axes, data.items()):
@@ -261,7 +278,7 @@ def against_figure(results: list[CellResult], outputs: Outputs, x: str, key: Key
         ax.grid(alpha=0.3)
     handles = [Line2D([], [], linestyle="", marker="o", markersize=9, color=colors[m], label=f"on {m}") for m in models]
     handles += [
-        Line2D([], [], linestyle="", marker=marker(k), markersize=9, color="0.6", label=k or "other") for k in kinds
+        Line2D([], [], linestyle="", marker=marker(k), markersize=9, **SHAPE_ONLY, label=k or "other") for k in kinds
     ]
     legend(fig, handles)
     fig.suptitle(f"Against {short_label(x, outputs)}, every cell: {describe(key, False)}", fontsize=13)

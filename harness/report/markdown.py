@@ -421,6 +421,10 @@ class ReportExists(FileExistsError):
         super().__init__(f"{shown} already exist{'s' if len(paths) == 1 else ''}; pass --force to overwrite")
 
 
+class ReportFolderError(ValueError):
+    """The report's output folder names something that is not a folder (a file, or a path through a file)."""
+
+
 @dataclass
 class Section:
     """One matrix's part of a report: its title, its results, and a note shown under the title."""
@@ -456,6 +460,13 @@ def write_report(
     from saex.report import figures, site  # matplotlib, jinja2 and plotly load only when a report folder is written
 
     out_dir = Path(out_dir)
+    for folder in (out_dir, *out_dir.parents):  # the nearest existing one must be a folder; nothing is written
+        if folder.exists() or folder.is_symlink():
+            if not folder.is_dir():
+                kind = "a file" if folder.is_file() else "a broken link" if not folder.exists() else "a special file"
+                where = "" if folder == out_dir else f" (on the way to {out_dir})"
+                raise ReportFolderError(f"{folder}: is {kind}, not a folder{where}; --out names the report's folder")
+            break
     planned: list[tuple[list[_Planned], list[FigureEntry]]] = []
     for section in sections:
         prefix = slug(section.title) + "-" if len(sections) > 1 else ""

@@ -23,10 +23,11 @@ from markdown_it import MarkdownIt
 from markdown_it.token import Token
 from markupsafe import Markup
 
+from saex.plugin.protocols import MetricOutput
 from saex.report.cells import compressed, metric, panels, references, slug, source_order
-from saex.report.columns import GAP, Outputs, header, in_order, short_label
+from saex.report.columns import GAP, Outputs, header, in_order, short_label, value_range
 from saex.report.plots import SECONDS_HEADER, Spec, explorer, transfer_gap
-from saex.run.outputs import SECONDS_TO_OBTAIN
+from saex.run.outputs import COST_COLUMNS, SECONDS_TO_OBTAIN
 from saex.storage.results import CellResult
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
@@ -70,22 +71,33 @@ def write_assets(out_dir: Path) -> list[Path]:
 # --- the report rendered --------------------------------------------------------------------------------------
 
 
-def _descriptions(outputs: Outputs) -> dict[str, str]:
-    """Column header -> what the column holds, for header tooltips."""
-    return {header(name, outputs): f"{o.description} ({o.aggregation})" for name, o in outputs.items()}
+def tooltip(output: MetricOutput) -> str:
+    """What a declared column holds, as its header's tooltip: description (aggregation), unit and range."""
+    parts = [f"{output.description} ({output.aggregation})"]
+    parts += [f"unit: {output.unit}"] if output.unit else []
+    parts += [f"range: {value_range(output)}"] if output.range is not None else []
+    return "; ".join(parts)
+
+
+def tooltips(outputs: Outputs) -> dict[str, str]:
+    """Column header -> its tooltip, for every header with a declaration: each declared output (also as the
+    transfer gap's ``<header> on M``) and the cost columns."""
+    declared = {header(name, outputs): tooltip(o) for name, o in outputs.items()}
+    declared |= {f"{text} on M": f"on M: {tip}" for text, tip in declared.items()}
+    return declared | {header(c.output.name, {c.output.name: c.output}): tooltip(c.output) for c in COST_COLUMNS}
 
 
 def markdown_html(text: str, outputs: Outputs) -> Markup:
     """The report's markdown as HTML: tables get the ``data`` class (sortable and filterable by site.js) and
-    their metric headers a tooltip with the declared description; headings get ids for the page's contents."""
+    every header with a declaration a tooltip (``tooltips``); headings get ids for the page's contents."""
     md = MarkdownIt("commonmark", {"html": False}).enable("table")
     tokens = md.parse(text)
-    tips = _descriptions(outputs)
+    tips = tooltips(outputs)
     for opening, inline in itertools.pairwise(tokens):
         if opening.type == "table_open":
             opening.attrSet("class", "data")
-        elif opening.type == "th_open" and inline.content in tips:
-            opening.attrSet("title", tips[inline.content])
+        elif opening.type == "th_open" and inline.content.strip() in tips:
+            opening.attrSet("title", tips[inline.content.strip()])
         elif opening.type == "heading_open":
             opening.attrSet("id", "r-" + slug(inline.content))
         elif opening.type == "paragraph_open" and _is_image(inline):
@@ -106,7 +118,7 @@ class Summary:
     where the same SAE is scored on M) and seconds to obtain; the best source per metric."""
 
     title: str
-    header: list[str]
+    header: list[tuple[str, str]]  # (text, tooltip: what the column holds)
     rows: list[list[tuple[str, bool]]]  # (text, is the best of its column)
     best: list[str]
 
@@ -148,10 +160,10 @@ def summaries(results: list[CellResult], outputs: Outputs) -> list[Summary]:
             ]
             title = f"{hook} · {compression} · SAE {sae}" + (f" · {model}" if many_models else "")
             head = [
-                "source on M_c",
-                *(header(m, outputs) for m in names),
-                SECONDS_HEADER,
-                "status",
+                ("source on M_c", "the SAE source scored on the compressed model M_c"),
+                *((header(m, outputs), tooltip(outputs[m]) + "; (Δ …): minus the same SAE on M") for m in names),
+                (SECONDS_HEADER, tooltip(SECONDS_TO_OBTAIN.output)),
+                ("status", "blank when done"),
             ]
             out.append(Summary(title, head, rows, lines))
     return out

@@ -221,6 +221,76 @@ def test_report_folder_has_readable_figures(tmp_path):
     )
 
 
+def with_loaded(results: list[CellResult]) -> list[CellResult]:
+    """``results`` and a loaded SAE scored on M and on each M_c."""
+    loaded = "loaded:/saes/topk-l4"
+    found = [CellResult("l-ref", "paper", cell(loaded, None), "done", dict(zip(NAMES, (0.7, 0.9, 0.8))), cost(loaded))]
+    found += [
+        CellResult(f"l-{c}", "paper", cell(loaded, c), "done", dict(zip(NAMES, (0.6, 0.85, 0.75))), cost(loaded))
+        for c in COMPRESSIONS
+    ]
+    return results + found
+
+
+def test_one_palette_colours_a_source_kind_alike_in_every_figure(tmp_path, monkeypatch):
+    """A colour per source kind (saex.report.cells.SOURCE_COLOURS: one hue each, several sources of a kind its
+    shades), the same in the PNG figures (matplotlib) and the site's (plotly); the scored model has colours no
+    source kind has."""
+    from matplotlib.colors import to_hex
+
+    from saex.report import figures, plots
+    from saex.report.cells import COMPRESSION_COLOURS, SCORED_ON_M, SOURCE_COLOURS, source_colours, tint
+
+    results = with_loaded(synthetic_results())
+    key = ("smollm2", HOOK, "topk")
+    hue = {kind: shades[0] for kind, shades in SOURCE_COLOURS.items()}
+    assert len(set(hue.values())) == len(hue) and not {SCORED_ON_M, *COMPRESSION_COLOURS} & {
+        c for shades in SOURCE_COLOURS.values() for c in shades
+    }
+    assert source_colours(SOURCES) == {
+        "original": hue["original"],
+        "retrained": hue["retrained"],
+        "pruned:magnitude@0.5": hue["pruned"],  # table order: by strategy, then sparsity
+        "pruned:wanda@0.25": SOURCE_COLOURS["pruned"][1],
+        "pruned:wanda@0.5": SOURCE_COLOURS["pruned"][2],
+    }
+    drawn = {}
+    monkeypatch.setattr(figures, "save", lambda fig, path: drawn.setdefault(path.stem, fig) and path)
+
+    def legend(name: str) -> dict[str, str]:
+        (box,) = drawn[name].legends
+        return {text.get_text(): to_hex(handle.get_color()) for text, handle in zip(box.texts, box.legend_handles)}
+
+    figures.cost_quality_figure(results, OUTPUTS, "explained_variance", key, tmp_path / "cost.png")
+    figures.sparsity_figure(results, OUTPUTS, "explained_variance", key, tmp_path / "sparsity.png")
+    figures.transfer_gap_figure(results, OUTPUTS, key, tmp_path / "gap.png")
+    on_mc = [r.cell["source"] for r in results if r.cell["compression"] == "wanda-50"]
+    assert {s: c for s, c in legend("cost").items() if s != "original on M"} == source_colours(on_mc)
+    assert legend("sparsity")["pruned: magnitude"] == hue["pruned"]
+    assert legend("sparsity")["pruned: wanda"] == SOURCE_COLOURS["pruned"][1]
+    assert legend("gap") == {
+        "original SAE on M": tint(hue["original"]),
+        "original SAE on M_c": hue["original"],
+        "loaded:/saes/topk-l4 SAE on M": tint(hue["loaded"]),
+        "loaded:/saes/topk-l4 SAE on M_c": hue["loaded"],
+    }
+    # the site's transfer gap: the same colours, each legend entry its own
+    spec = plots.transfer_gap(results, OUTPUTS, key)
+    shown = {t["name"]: t["marker"]["color"] for t in spec["data"] if t["showlegend"]}
+    assert {f"{name.replace(' SAE', '')}": colour for name, colour in legend("gap").items()} == shown
+    assert all(t["textfont"]["size"] >= plots.FONT and t["constraintext"] == "none" for t in spec["data"])
+    # where a figure colours by the scored model (the explorer), M and each compression have colours of their own
+    spec = plots.explorer(results, OUTPUTS, key)
+    assert {t["name"]: t["marker"]["color"] for t in spec["data"]} == {
+        "on M": SCORED_ON_M,
+        "on M_c (wanda-50)": COMPRESSION_COLOURS[0],
+        "on M_c (gptq-w4)": COMPRESSION_COLOURS[1],
+    }
+    histogram = plots.histogram([0.0, 1.0, 2.0], {"on M": [3, 1], "on M_c": [2, 2]})
+    assert [t["marker"]["color"] for t in histogram["data"]] == [SCORED_ON_M, COMPRESSION_COLOURS[0]]
+    assert histogram["layout"]["yaxis"]["dtick"] == 1  # log counts labelled at the decades only
+
+
 def test_missing_data_skips_a_figure_with_a_note(tmp_path):
     results = [r for r in synthetic_results() if not r.cell["source"].startswith("pruned:")]
     for r in results:
@@ -275,7 +345,7 @@ def test_cli_out_refuses_to_overwrite_without_force(tmp_path, capsys):
 
 def test_cli_report_without_out_prints_markdown(tmp_path, capsys):
     store = store_with(tmp_path / "r.sqlite", synthetic_results())
-    assert main(["report", "--store", str(store)]) == 0
+    assert main(["report", "--store", str(store), "--full"]) == 0
     out = capsys.readouterr().out
     assert "### Transfer gap" in out and "### Figures" not in out
     assert main(["report", "--store", str(store), "--force"]) == 2

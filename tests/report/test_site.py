@@ -29,9 +29,9 @@ from saex.config.matrix import BASE, expand
 from saex.config.registry import Registry, load_registry
 from saex.model.hookpoints import parse_hook
 from saex.plugin.manager import load_plugins
-from saex.report.browser import CLASSES, Scope, Selection, gather, scopes, top_contexts
+from saex.report.browser import BYTE_LEVEL, CLASSES, Scope, Selection, TokenText, gather, scopes, top_contexts
 from saex.report.columns import header
-from saex.report.site import SitePart, write_site
+from saex.report.site import SitePart, tooltip, tooltips, write_site
 from saex.run.outputs import declared_outputs
 from saex.run.runner import Runner
 from saex.storage.cache import Cache
@@ -149,12 +149,50 @@ def direct_activations(browser_data) -> tuple[torch.Tensor, torch.Tensor]:
 # --- the report's page -------------------------------------------------------------------------------------
 
 
+class Headers(HTMLParser):
+    """Every table header of a page: (table classes, text, title or None)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.found: list[tuple[str, str, str | None]] = []
+        self.table, self.open = "", None
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == "table":
+            self.table = dict(attrs).get("class") or ""
+        elif tag == "th":
+            self.open = ["", dict(attrs).get("title")]
+
+    def handle_data(self, data: str) -> None:
+        if self.open is not None:
+            self.open[0] += data
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "th" and self.open is not None:
+            self.found.append((self.table, self.open[0].strip(), self.open[1]))
+            self.open = None
+
+
+def headers_of(html: str) -> list[tuple[str, str, str | None]]:
+    parser = Headers()
+    parser.feed(html)
+    return parser.found
+
+
 def test_report_page_shows_declared_headers_summary_and_every_figure(site: Path) -> None:
     html = (site / "index.html").read_text()
     outputs = declared_outputs(load_plugins(entry_points=False))
     ev = outputs["explained_variance"]
-    assert f'<th title="{ev.description} ({ev.aggregation})">{header("explained_variance", outputs)}</th>' in html
-    assert html.count('class="data"') >= 6  # report tables and the summary, sortable and filterable
+    found = headers_of(html)
+    shown = header("explained_variance", outputs)
+    assert (("data", shown, tooltip(ev)) in found) and (("data summary", shown, tooltip(ev)) not in found)
+    summary = [(text, title) for table, text, title in found if table == "data summary"]
+    assert (shown, tooltip(ev) + "; (Δ …): minus the same SAE on M") in summary
+    assert all(title for _, title in summary)  # every header of the summary says what it holds
+    declared = tooltips(outputs)
+    assert sum(text in declared for _, text, _ in found) >= 20
+    assert all(title == declared[text] for table, text, title in found if table == "data" and text in declared)
+    assert html.count('class="data') >= 6  # report tables and the summary, sortable and filterable
     assert "Summary per hook and compression" in html and f"{HOOK} · site-mag · SAE site-small" in html
     assert 'href="features/index.html"' in html
     for png in site.glob("*.png"):  # every figure of report.md is on the page
@@ -247,6 +285,43 @@ def test_histograms_add_up_to_the_eval_token_count(browser) -> None:
             edges = torch.linspace(0, peak, BINS + 1)
             inside = [int(((f[:, j] > lo) & (f[:, j] <= hi)).sum()) for lo, hi in itertools.pairwise(edges)]
             assert abs(sum(abs(a - c) for a, c in zip(counts[1:].tolist(), inside))) <= 2  # float edges
+
+
+class Pieces:
+    """A tokenizer of the two methods the browser reads, each token a run of bytes: byte-level BPE (GPT-2's
+    alphabet) or, with ``fallback``, SentencePiece's byte tokens (``<0xE2>``) for single bytes."""
+
+    def __init__(self, pieces: list[bytes], fallback: bool = False):
+        self.pieces, self.fallback = pieces, fallback
+        self.alphabet = {byte: char for char, byte in BYTE_LEVEL.items()}
+
+    def decode(self, ids: list[int], clean_up_tokenization_spaces: bool = True) -> str:
+        return b"".join(self.pieces[i] for i in ids).decode("utf-8", errors="replace")
+
+    def convert_ids_to_tokens(self, token: int) -> str:
+        piece = self.pieces[token]
+        if self.fallback and len(piece) == 1 and piece[0] >= 0x80:
+            return f"<0x{piece[0]:02X}>"
+        return piece.decode() if self.fallback else "".join(self.alphabet[b] for b in piece)
+
+
+@pytest.mark.parametrize("fallback", [False, True], ids=["byte-level", "byte-fallback"])
+def test_byte_tokens_are_shown_as_bytes_and_split_characters_whole(fallback: bool) -> None:
+    pieces = [b"It", b"\xe2\x80", b"\x99s", b" \xe6", b"\x97", b"\xa5", b"\n", b"\xff", b""]
+    if fallback:  # SentencePiece: single bytes only
+        pieces = [b"It", b"\xe2", b"\x80", b"\x99", b"s", b" ", b"\xe6", b"\x97", b"\xa5", b"\n", b"\xff", b""]
+    text = TokenText(Pieces(pieces, fallback))
+    shown = text.run(range(len(pieces)))
+    assert "".join(t for t, _ in shown) == "It’s 日↵<0xFF>∅"
+    assert "\ufffd" not in "".join(text(i) for i in range(len(pieces)))
+    assert text(pieces.index(b"\xe6" if fallback else b" \xe6")) == ("<0xE6>" if fallback else " <0xE6>")
+    continues = [pieces[i] for i, (t, more) in enumerate(shown) if more]
+    assert continues == ([b"\x80", b"\x99", b"\x97", b"\xa5"] if fallback else [b"\x97", b"\xa5"])
+    assert all(t == "" for t, more in shown if more)
+    # a window that starts inside a character shows it on its first token; one that ends inside completes it
+    start = pieces.index(b"\x97")
+    assert text.run(range(start - 1, len(pieces)), before=1)[0] == ("日", False)
+    assert text.run(range(start + 2), after=2)[-1] == ("日" if fallback else " 日", False)
 
 
 def test_site_references_no_file_outside_its_folder(site: Path) -> None:
@@ -351,6 +426,45 @@ def leading_number(text: str) -> float:
     return float(re.match(r"[+\-]?(\d+\.?\d*|\.\d+)(e[+\-]?\d+)?", text, re.I).group(0))
 
 
+MIN_SVG_TEXT_PX = 9
+
+LEGENDS = """
+return Array.from(document.querySelectorAll("div.plot")).map((div) =>
+  Array.from(div.querySelectorAll("g.legend g.traces")).map((entry) => {
+    const shape = entry.querySelector("g.legendpoints path");
+    return [entry.querySelector("text.legendtext").textContent, shape ? getComputedStyle(shape).fill : ""];
+  }));
+"""
+# every drawn text of the figures' SVGs: its computed font size times the scale it is drawn at (plotly shrinks a
+# bar's label with a transform, not its font size)
+SVG_TEXT_SIZES = """
+return Array.from(document.querySelectorAll("div.plot svg text")).flatMap((t) => {
+  const box = t.getBoundingClientRect();
+  if (!t.textContent.trim() || box.width === 0 || getComputedStyle(t).display === "none") return [];
+  const m = t.getScreenCTM();
+  const scale = m ? Math.hypot(m.a, m.b) : 1;
+  return [[t.textContent, parseFloat(getComputedStyle(t).fontSize) * scale]];
+});
+"""
+HEADERS = """
+return Array.from(document.querySelectorAll("table.data th")).map((th) => [th.textContent.trim(), th.title]);
+"""
+
+
+def check_figures(driver, page: str) -> list[list[tuple[str, str]]]:
+    """What can be checked of the plotly figures on the open page: each legend's entries differ in text and colour,
+    and no text in their SVGs is drawn smaller than MIN_SVG_TEXT_PX. Returns the legends."""
+    legends = driver.execute_script(LEGENDS)
+    for entries in legends:
+        texts, colours = [t for t, _ in entries], [c for _, c in entries]
+        assert len(set(texts)) == len(texts) and len(set(colours)) == len(colours), (page, entries)
+    sizes = driver.execute_script(SVG_TEXT_SIZES)
+    assert sizes, page
+    small = [(text, round(size, 1)) for text, size in sizes if size < MIN_SVG_TEXT_PX]
+    assert not small, (page, small)
+    return legends
+
+
 def screenshot(driver, name: str, site: Path) -> Path:
     folder = Path(os.environ.get("SAEX_SCREENSHOTS") or site / "screenshots")
     folder.mkdir(parents=True, exist_ok=True)
@@ -363,12 +477,28 @@ def test_site_in_headless_chromium(site: Path) -> None:
     from selenium.webdriver.common.by import By
 
     root = Path(os.environ.get("SAEX_SITE") or site)
+    declared = tooltips(declared_outputs(load_plugins(entry_points=False)))
     driver = chrome()
     try:
         start = time.monotonic()
         open_page(driver, root / "index.html")
         assert driver.find_elements(By.CSS_SELECTOR, "div.plot .main-svg")  # plotly drew from the local copy
         screenshot(driver, "report.png", root)
+        # the transfer gap (a light and a full bar per SAE) and the explorer (a colour per scored model)
+        legends = check_figures(driver, "index.html")
+        assert len(legends) >= 2 and all(len(entries) >= 2 for entries in legends)
+        assert [text for text, _ in legends[0]][:2] == ["original on M", "original on M_c"]
+        # every table header with a declaration says what its column holds, the summary's every header
+        found = driver.execute_script(HEADERS)
+        with_declaration = [(text, title) for text, title in found if text in declared]
+        assert len(with_declaration) >= 20 and all(title for _, title in with_declaration), with_declaration
+        assert all(title for text, title in driver.execute_script(HEADERS.replace("table.data", "table.summary")))
+        driver.execute_script(  # the interactive figures under the page's sticky header
+            "arguments[0].scrollIntoView({block: 'start'}); window.scrollBy(0, -50)",
+            driver.find_element(By.CSS_SELECTOR, "h3[id$='-plots']"),
+        )
+        figures = Path(os.environ.get("SAEX_SCREENSHOTS") or root / "screenshots") / "figures.png"
+        driver.save_screenshot(str(figures))
         # a table sorts by a numeric column both ways, and its filter keeps the matching rows
         table, column = next(
             (t, i)
@@ -410,6 +540,9 @@ def test_site_in_headless_chromium(site: Path) -> None:
         for model in ("m", "mc"):
             assert driver.find_elements(By.CSS_SELECTOR, f".side[data-model={model}] ol.contexts li .tok.max")
         assert driver.find_elements(By.CSS_SELECTOR, "div.plot .main-svg")  # the histograms
+        assert [text for text, _ in check_figures(driver, page)[0]] == ["on M", "on M_c"]
+        ticks = [t.text for t in driver.find_elements(By.CSS_SELECTOR, "div.plot .ytick text")]
+        assert ticks and set(ticks) <= {"1", "10", "100", "1,000", "10,000", "100,000"}, ticks  # decades only
         screenshot(driver, "latent.png", root)
         print(f"browser test: {time.monotonic() - start:.1f} s in Chromium")
     finally:
