@@ -77,3 +77,19 @@ def expand(name: str, matrix: MatrixEntry) -> list[Cell]:
                     for source in matrix.sources:
                         cells.append(Cell(name, model, compression, hook, sae, source, "compressed"))
     return cells
+
+
+@dataclass(frozen=True)
+class Matrix:
+    """A matrix resolved once (``resolve_matrix``) and handed on as an object: its name, validated entry and
+    cells, so the runner, executors, workers and the feature browser never look the name up again."""
+
+    name: str
+    entry: MatrixEntry
+    cells: tuple[Cell, ...]
+
+
+def resolve_matrix(registry: Registry, name: str) -> Matrix:
+    """The matrix ``name`` of ``registry`` (its problems raised, as ``Registry.matrix`` does) with its cells."""
+    entry = registry.matrix(name)
+    return Matrix(name, entry, tuple(expand(name, entry)))

@@ -29,7 +29,7 @@ from saex.analysis.feature_data import ContextPass, LatentPass, TokenWindows, co
 from saex.analysis.latent_store import KIND as PER_LATENT
 from saex.analysis.latent_store import load_per_latent
 from saex.analysis.survival import Survival, SurvivalParams, classify
-from saex.config.matrix import BASE, Cell, expand
+from saex.config.matrix import BASE, Cell, Matrix, resolve_matrix
 from saex.config.sources import parse_source
 from saex.model.hookpoints import parse_hook
 from saex.report.cells import slug
@@ -83,11 +83,11 @@ class BrowseError(ValueError):
     """Nothing to browse for the matrix (and filters) asked for; the message says why."""
 
 
-def scopes(runner: Runner, matrix: str, results: dict[str, CellResult], **chosen: str | None) -> list[Scope]:
+def scopes(runner: Runner, matrix: Matrix, results: dict[str, CellResult], **chosen: str | None) -> list[Scope]:
     """The scopes of ``matrix`` whose original SAE is scored on M_c (done), narrowed by ``chosen`` (model, hook,
     sae, compression: a value, or None for all)."""
     found = []
-    for cell in expand(matrix, runner.registry.matrix(matrix)):
+    for cell in matrix.cells:
         row = results.get(cell.key(runner.registry))
         if cell.scored_on == BASE or not parse_source(cell.source).is_original or row is None or row.status != "done":
             continue
@@ -110,9 +110,9 @@ def stored_per_latent(cache: Cache, row: CellResult | None) -> dict[str, torch.T
         return {}
 
 
-def survival_params(runner: Runner, matrix: str) -> SurvivalParams:
+def survival_params(runner: Runner, matrix: Matrix) -> SurvivalParams:
     """The survival thresholds of the matrix's metric that has them, else the defaults."""
-    for metric in runner.registry.matrix_components(matrix, "metrics"):
+    for metric in runner.registry.matrix_components(matrix.name, "metrics"):
         if isinstance(metric.params, SurvivalParams):
             return metric.params
     return SurvivalParams()
@@ -196,7 +196,7 @@ def gather(runner: Runner, session: Session, results: dict[str, CellResult], sco
     registry, artifacts = runner.registry, session.artifacts
     cells = [
         c
-        for c in expand(session.matrix, registry.matrix(session.matrix))
+        for c in session.matrix.cells
         if (c.model, c.hook, c.sae, c.compression) == (scope.model, scope.hook, scope.sae, scope.compression)
     ]
     rows = {c: results.get(c.key(registry)) for c in cells}
@@ -512,7 +512,7 @@ def write_scope(out_dir: Path, b: Browser, report: bool) -> list[Path]:
 
 def browse(
     runner: Runner,
-    matrix: str,
+    name: str,
     results: Iterable[CellResult],
     out_dir: Path,
     device: torch.device,
@@ -521,10 +521,11 @@ def browse(
     link_report: bool = False,
     **chosen: str | None,
 ) -> list[Path]:
-    """Write the feature browser of every chosen scope of ``matrix`` (``chosen``: model, hook, sae, compression;
+    """Write the feature browser of every chosen scope of matrix ``name`` (``chosen``: model, hook, sae, compression;
     None for all) under ``out_dir/features``, with the site's assets (its pages link the report's index.html when
     ``link_report``); return the paths written."""
     rows = {r.key: r for r in results}
+    matrix = resolve_matrix(runner.registry, name)
     found = scopes(runner, matrix, rows, **chosen)
     out_dir = Path(out_dir)
     written = write_assets(out_dir)

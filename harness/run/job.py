@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from saex.config.matrix import BASE, Cell
+from saex.config.matrix import BASE, Cell, Matrix
 
 if TYPE_CHECKING:
     from saex.run.runner import Runner
@@ -36,12 +36,12 @@ class Job:
     within each, one group per hook (the unit ``Runner.score`` scores together)."""
 
     runner: Runner
-    matrix: str
+    matrix: Matrix  # resolved once by the runner: pass it on (e.g. to ``runner.open_model``)
     cells: list[Cell]
     device: torch.device
 
     def models(self) -> list[str]:
-        return [m for m in self.runner.registry.matrix(self.matrix).models if any(c.model == m for c in self.cells)]
+        return [m for m in self.matrix.entry.models if any(c.model == m for c in self.cells)]
 
     def done(self) -> int:
         """How many of the job's cells are done in the store."""
@@ -54,7 +54,7 @@ class Job:
 
     def groups(self, model: str) -> list[tuple[str | None, list[Cell]]]:
         """(compression or None for M, cells of one hook) in computation order, for one model."""
-        matrix = self.runner.registry.matrix(self.matrix)
+        matrix = self.matrix.entry
         mine = [c for c in self.cells if c.model == model]
         out: list[tuple[str | None, list[Cell]]] = []
         for compression in [None, *matrix.compressions]:
@@ -74,7 +74,7 @@ class Job:
         registry = self.runner.registry
         return WorkerSpec(
             tuple(str(f.resolve()) for f in registry.files),
-            self.matrix,
+            self.matrix.name,
             frozenset(c.key(registry) for c in self.cells),
             str(self.runner.store.path.resolve()),
             str(self.runner.cache.root.resolve()),

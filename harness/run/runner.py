@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from saex.config.matrix import BASE, Cell, expand
+from saex.config.matrix import BASE, Cell, Matrix, resolve_matrix
 from saex.config.registry import ComponentEntry, MatrixEntry, Registry, RegistryError, Resolved
 from saex.data.corpus import TokenBlocks, token_blocks
 from saex.data.labelled import LabelledTexts, MissingDataPackage
@@ -54,17 +54,17 @@ class Runner:
 
     def run(self, name: str, executor: str = "local") -> list[CellResult]:
         """Compute the matrix's unfinished cells with ``executor`` (an ``executors`` registry entry or an
-        executor plugin's name) and return every cell's row."""
-        matrix = self.registry.matrix(name)
+        executor plugin's name) and return every cell's row. The matrix is resolved here, once, and handed on."""
+        matrix = resolve_matrix(self.registry, name)
         chosen = self._executor(name, executor)
-        cells = expand(name, matrix)
+        cells = matrix.cells
         pending = [c for c in cells if self.store.status(c.key(self.registry)) != "done"]
         done = len(cells) - len(pending)
         self.log(f"matrix {name}: {len(cells)} cells, {done} already done, {len(pending)} to run ({executor})")
-        device = self._device(name, matrix)
+        device = self._device(matrix)
         while pending:
             self.scorer.elsewhere.clear()
-            chosen.component.execute(Job(self, name, pending, device), chosen.params)
+            chosen.component.execute(Job(self, matrix, pending, device), chosen.params)
             pending = self._wait_for_others(self.scorer.elsewhere)
         return [r for c in cells if (r := self.store.get(c.key(self.registry))) is not None]
 
@@ -88,26 +88,28 @@ class Runner:
             time.sleep(self.poll_seconds)
         return [c for c in cells if self.store.status(c.key(self.registry)) == "running"]
 
-    def _bad_input(self, name: str, path: str, message: str) -> RegistryError:
+    def _bad_input(self, matrix: Matrix, path: str, message: str) -> RegistryError:
         """A problem with the matrix found only at run time, reported like any registry error (exit 2)."""
-        return RegistryError(self.registry.origins.get(f"matrices.{name}", "registry"), path, message)
+        return RegistryError(self.registry.origins.get(f"matrices.{matrix.name}", "registry"), path, message)
 
-    def _device(self, name: str, matrix: MatrixEntry) -> torch.device:
-        where = "--device" if self.device_override else f"matrices.{name}.device"
+    def _device(self, matrix: Matrix) -> torch.device:
+        where = "--device" if self.device_override else f"matrices.{matrix.name}.device"
         try:
-            return resolve_device(self.device_override or matrix.device)
+            return resolve_device(self.device_override or matrix.entry.device)
         except (RuntimeError, ValueError) as exc:
-            raise self._bad_input(name, where, str(exc)) from None
+            raise self._bad_input(matrix, where, str(exc)) from None
 
     # --- per model ----------------------------------------------------------------------------------------
 
-    def open_model(self, name: str, model: str, device: torch.device) -> Session:
-        """Load one model of matrix ``name`` and check everything only the loaded model can tell (its config,
-        depth, layout, the corpus under its tokenizer) before anything is computed, reported like a registry
-        error."""
-        matrix = self.registry.matrix(name)
-        if reason := unsupported(matrix.precision, device):
-            raise self._bad_input(name, f"matrices.{name}.precision", f"{matrix.precision!r}: {reason}")
+    def open_model(self, matrix: Matrix | str, model: str, device: torch.device) -> Session:
+        """Load one model of ``matrix`` (resolved, or its name) and check everything only the loaded model can
+        tell (its config, depth, layout, the corpus under its tokenizer) before anything is computed, reported
+        like a registry error."""
+        if not isinstance(matrix, Matrix):
+            matrix = resolve_matrix(self.registry, matrix)
+        name, entry = matrix.name, matrix.entry
+        if reason := unsupported(entry.precision, device):
+            raise self._bad_input(matrix, f"matrices.{name}.precision", f"{entry.precision!r}: {reason}")
         resolved: Resolved[ModelSource] = self.registry.component("models", model)
         start = time.perf_counter()
         try:
@@ -125,21 +127,21 @@ class Runner:
                 f"models.{model}.params",
                 f"cannot build the model: {type(exc).__name__}: {exc}",
             ) from None
-        hooks = [parse_hook(h) for h in matrix.hooks]
+        hooks = [parse_hook(h) for h in entry.hooks]
         for index, hook in enumerate(hooks):
             try:
                 check_hook(loaded.model, hook)
             except ValueError as exc:  # only now is the model's depth and layout known: still bad input
-                raise self._bad_input(name, f"matrices.{name}.hooks[{index}]", f"model {model!r}: {exc}") from None
-        self._check_loaded_widths(name, model, loaded.model, hooks, device)
+                raise self._bad_input(matrix, f"matrices.{name}.hooks[{index}]", f"model {model!r}: {exc}") from None
+        self._check_loaded_widths(matrix, model, loaded.model, hooks, device)
         self.store.record_phase(name, model, "load model", time.perf_counter() - start)
         start = time.perf_counter()
         try:
-            blocks = self._blocks(matrix, loaded)
+            blocks = self._blocks(entry, loaded)
         except ValueError as exc:  # the corpus is too small for the token budgets
-            raise self._bad_input(name, f"matrices.{name}.tokens", str(exc)) from None
+            raise self._bad_input(matrix, f"matrices.{name}.tokens", str(exc)) from None
         self.store.record_phase(name, model, "token blocks", time.perf_counter() - start)
-        setting = Setting(matrix, loaded, blocks, hooks, device, self._labelled(name, loaded))
+        setting = Setting(entry, loaded, blocks, hooks, device, self._labelled(name, loaded))
         architectures = {n: self.plugins.get("sae", n) for n in self.plugins.names("sae")}
         artifacts = Artifacts(
             self.cache,
@@ -149,7 +151,7 @@ class Runner:
             log=self.log,
             record=lambda phase, seconds: self.store.record_phase(name, model, phase, seconds),
         )
-        return Session(name, artifacts, self.registry.matrix_components(name, "metrics"))
+        return Session(matrix, artifacts, self.registry.matrix_components(name, "metrics"))
 
     def prepare(self, session: Session, cells: list[Cell]) -> None:
         """Compute (or find cached) every artifact ``cells`` need, without scoring: the compressed model, its
@@ -196,10 +198,10 @@ class Runner:
         return prepared
 
     def _check_loaded_widths(
-        self, name: str, model: str, module: torch.nn.Module, hooks: list[HookPoint], device: torch.device
+        self, matrix: Matrix, model: str, module: torch.nn.Module, hooks: list[HookPoint], device: torch.device
     ) -> None:
         """A loaded SAE reads activations as wide as the model's at its hook, known only now (a one-token pass)."""
-        sources = self.registry.matrix(name).sources
+        sources, name = matrix.entry.sources, matrix.name
         refs = [(i, self.registry.loaded_sae(name, s)) for i, s in enumerate(sources) if s.startswith("loaded:")]
         if not refs:
             return
@@ -209,7 +211,7 @@ class Runner:
             for hook, x in widths.items():
                 if x.shape[-1] != ref.file.d_in:
                     message = f"{ref.source} reads {ref.file.d_in}-wide activations; model {model!r} has {x.shape[-1]}"
-                    raise self._bad_input(name, f"matrices.{name}.sources[{i}]", f"{message} at {hook}")
+                    raise self._bad_input(matrix, f"matrices.{name}.sources[{i}]", f"{message} at {hook}")
 
     def _blocks(self, matrix: MatrixEntry, loaded: LoadedModel) -> TokenBlocks:
         corpus: Resolved[Corpus] = self.registry.component("corpora", matrix.corpus)
@@ -228,7 +230,7 @@ class Runner:
 class Session:
     """One loaded and checked model of a matrix with its artifacts; M_c states are built lazily, once."""
 
-    matrix: str
+    matrix: Matrix
     artifacts: Artifacts
     metrics: list[Resolved[Metric]]
     _targets: dict[str, ModelState] = field(default_factory=dict)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from saex.config.matrix import expand
+from saex.config.matrix import resolve_matrix
 from saex.config.registry import RegistryError, load_registry
 from saex.plugin.manager import PluginError, load_plugins
 from saex.plugin.protocols import ExecutorError
@@ -39,16 +39,17 @@ def _step(spec: WorkerSpec, model: str, compression: str | None, hook: str | Non
         store.owner = spec.owner
     lines: list[str] = []
     runner = Runner(plugins, registry, store, Cache(Path(spec.cache)), progress=False, log=lines.append)
+    matrix = resolve_matrix(registry, spec.matrix)
     cells = [
         c
-        for c in expand(spec.matrix, registry.matrix(spec.matrix))
+        for c in matrix.cells
         if c.key(registry) in spec.pending
         and c.model == model
         and c.compression == compression
         and (hook is None or c.hook == hook)
     ]
     try:
-        session = runner.open_model(spec.matrix, model, torch.device(spec.device))
+        session = runner.open_model(matrix, model, torch.device(spec.device))
         if hook is None:
             runner.prepare(session, cells)
             return []

@@ -25,7 +25,7 @@ import yaml
 from saex.analysis.feature_data import BINS
 from saex.analysis.survival import SurvivalParams, classify
 from saex.cli import main
-from saex.config.matrix import BASE, expand
+from saex.config.matrix import BASE, expand, resolve_matrix
 from saex.config.registry import Registry, load_registry
 from saex.model.hookpoints import parse_hook
 from saex.plugin.manager import load_plugins
@@ -121,8 +121,9 @@ def browser(built: Built, site: Path):
     """The feature browser's data of the site's one scope, as ``gather`` reads it (from the cache)."""
     runner = built.runner()
     rows = {r.key: r for r in ResultsStore.existing(built.store).rows(MATRIX)}
-    (scope,) = scopes(runner, MATRIX, rows)
-    session = runner.open_model(MATRIX, scope.model, torch.device("cpu"))
+    matrix = resolve_matrix(runner.registry, MATRIX)
+    (scope,) = scopes(runner, matrix, rows)
+    session = runner.open_model(matrix, scope.model, torch.device("cpu"))
     return gather(runner, session, rows, scope, SELECTION), runner, session
 
 
@@ -369,7 +370,10 @@ def test_browse_with_a_filter_matching_nothing_is_exit_2(built: Built, tmp_path:
 
 def test_a_scope_is_one_original_sae_on_one_compression(built: Built) -> None:
     rows = {r.key: r for r in ResultsStore.existing(built.store).rows(MATRIX)}
-    assert scopes(built.runner(), MATRIX, rows) == [Scope("site-m", HOOK, "site-small", "site-mag")]
+    runner = built.runner()
+    assert scopes(runner, resolve_matrix(runner.registry, MATRIX), rows) == [
+        Scope("site-m", HOOK, "site-small", "site-mag")
+    ]
 
 
 # --- in a real browser -------------------------------------------------------------------------------------
