@@ -170,7 +170,6 @@ class Artifacts:
     def _compress(self, compression: Resolved[Compressor], state: ModelState) -> nn.Module:
         """Build M_c, recording its per-layer report in ``state.details`` even when verification fails."""
         s = self.setting
-        self.log(f"compressing with {compression.name} ({compression.entry.plugin})")
         calibration = CompressionContext(s.blocks.calibration, s.loaded.tokenizer, s.device, s.matrix.seed)
         try:
             with self.timed(f"compress {compression.name}"):

@@ -84,7 +84,6 @@ class GroupScorer:
             running[cell] = CellResult(key, cell.matrix, config["cell"], "running", versions=versions(), config=config)
         saes: dict[Cell, SAE] = {}
         for cell, result in running.items():
-            self.log(f"cell {cell.label}")
             try:
                 if target.error:
                     raise RuntimeError(target.error)
@@ -94,7 +93,7 @@ class GroupScorer:
                 result.metrics = values
                 saes[cell] = sae
             except Exception as exc:
-                _fail(result, exc, self.log)
+                _fail(result, exc)
         if saes:
             with artifacts.timed(f"splice metrics on {target.label}"):
                 self._splice(saes, running, artifacts, target, hook, metrics)
@@ -103,7 +102,7 @@ class GroupScorer:
                 loss = artifacts.model_loss(target) if scored else {}
             except Exception as exc:
                 for result in scored:
-                    _fail(result, exc, self.log)
+                    _fail(result, exc)
             else:
                 for result in scored:
                     result.metrics.update(loss)
@@ -111,8 +110,6 @@ class GroupScorer:
             if result.status == "running":
                 result.status = "done"
             self.log(self._summary(cell, result, time.perf_counter() - started))
-            if undefined := non_finite(result.metrics):
-                self.log(f"  warning: {', '.join(undefined)} not finite (NaN or infinite): stored as null")
             if target.details:
                 result.details["compression"] = target.details
             self.store.finish(result)
@@ -157,7 +154,7 @@ class GroupScorer:
         except Exception as exc:
             if len(by_label) == 1:
                 (label, cell), *_ = by_label.items()
-                _fail(running[cell], exc, self.log, f"splice metrics of SAE {label}: ")
+                _fail(running[cell], exc, f"splice metrics of SAE {label}: ")
                 return
             self.log("  splice metrics failed for the group; scoring each SAE alone")
             found = {}
@@ -165,18 +162,21 @@ class GroupScorer:
                 try:
                     found.update(score([label]))
                 except Exception as single:
-                    _fail(running[cell], single, self.log, f"splice metrics of SAE {label}: ")
+                    _fail(running[cell], single, f"splice metrics of SAE {label}: ")
         for label, values in found.items():
             running[by_label[label]].metrics.update(values)
 
     def _summary(self, cell: Cell, result: CellResult, seconds: float) -> str:
-        """One line per finished cell: its status, the group's seconds so far, and its headline metrics."""
+        """The one line a finished cell prints: its status, the group's seconds so far, its headline metrics, and
+        a warning naming the values that are not finite (stored as null)."""
         if result.status != "done":
             return f"cell {cell.label}: {result.status}: {result.error}"
         if self._headline is None:
             self._headline = [n for n, o in declared_outputs(self.plugins).items() if o.headline]
         shown = [f"{n} {v:.4g}" for n in self._headline if isinstance(v := result.metrics.get(n), float)]
-        return f"cell {cell.label}: done ({seconds:.1f} s into its group) " + ", ".join(shown)
+        line = f"cell {cell.label}: done ({seconds:.1f} s into its group) " + ", ".join(shown)
+        undefined = non_finite(result.metrics)
+        return line + (f"; warning: {', '.join(undefined)} not finite, stored as null" if undefined else "")
 
     def _notify(self, hook_name: str, **kwargs: object) -> None:
         """Call a lifecycle hook; a plugin that raises is logged and never stops the run or loses a result."""
@@ -239,8 +239,7 @@ class GroupScorer:
         return values
 
 
-def _fail(result: CellResult, exc: Exception, log: Callable[[str], None], context: str = "") -> None:
+def _fail(result: CellResult, exc: Exception, context: str = "") -> None:
     result.status = "failed"
     result.error = f"{context}{type(exc).__name__}: {exc}"
     result.details["traceback"] = traceback.format_exc(limit=8)
-    log(f"  failed: {result.error}")

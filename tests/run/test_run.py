@@ -189,8 +189,12 @@ def test_cli_run_then_report(tmp_path, registry_file, monkeypatch, capsys):
     monkeypatch.setenv("SAEX_HOME", str(tmp_path / "home"))
     store = tmp_path / "cli.sqlite"
     assert main(["run", "t", "--registry", str(registry_file), "--store", str(store), "--no-progress"]) == 0
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out, log = captured.out, captured.err.splitlines()
     assert out.startswith("matrix t: 10 cells, 10 done\n")  # the compact summary (saex.report.summary)
+    # with progress bars off, the log is the matrix's line and one line per finished cell, nothing else
+    assert log[0].startswith("saex: matrix t: 10 cells, 0 already done, 10 to run")
+    assert len(log) == 11 and all(line.startswith("saex: cell ") and ": done (" in line for line in log[1:])
     assert main(["report", "t", "--registry", str(registry_file), "--store", str(store)]) == 0
     assert capsys.readouterr().out == out  # the same view from the store
     assert main(["report", "t", "--registry", str(registry_file), "--store", str(store), "--full"]) == 0
