@@ -254,15 +254,7 @@ def sparse_probing(
         test_rows, test_y = balanced_one_vs_rest(test_labels, cls, gen)
         fit = train_torch_probe(train_x[train_rows], train_y, test_x[test_rows], test_y, seed=gen, **FULL_WIDTH_PROBE)
         per_class["test_accuracy"][cls] = fit.test_accuracy
-    for k in ks:
-        key = f"top_{k}_test_accuracy"
-        per_class[key] = {}
-        for cls in classes:
-            train_rows, train_y = balanced_one_vs_rest(train_labels, cls, gen)
-            test_rows, test_y = balanced_one_vs_rest(test_labels, cls, gen)
-            kept = top_k_mean_diff(train_x[train_rows], train_y, k).sort().values
-            fit = train_probe(train_x[train_rows][:, kept], train_y, test_x[test_rows][:, kept], test_y)
-            per_class[key][cls] = fit.test_accuracy
+    per_class |= _top_k_per_class(train_x, train_labels, test_x, test_labels, ks, gen)
     result: dict[str, Any] = {key: sum(accs.values()) / len(accs) for key, accs in per_class.items()}
     result["per_class"] = per_class
     return result
@@ -282,19 +274,31 @@ def sparse_probing_transfer(
     ``top_k_mean_diff`` and a ``train_probe`` on M's train rows, its accuracy on M_c's test rows. How much of each
     concept's probe survives compression, which no SAEBench eval asks: ``top_{k}_test_accuracy`` averaged over
     classes."""
-    gen = _generator(seed)
-    classes = _classes(train_labels)
-    result: dict[str, float] = {}
+    per_class = _top_k_per_class(train_x, train_labels, test_x, test_labels, ks, _generator(seed))
+    return {key: sum(accs.values()) / len(accs) for key, accs in per_class.items()}
+
+
+def _top_k_per_class(
+    train_x: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_x: torch.Tensor,
+    test_labels: torch.Tensor,
+    ks: Sequence[int],
+    gen: torch.Generator,
+) -> dict[str, dict[int, float]]:
+    """``top_{k}_test_accuracy`` -> class -> accuracy: per k and class a fresh balanced sample, the k columns of
+    ``top_k_mean_diff`` on its train rows (in column order, as SAEBench's mask keeps them) and ``train_probe``."""
+    per_class: dict[str, dict[int, float]] = {}
     for k in ks:
-        accuracies = []
-        for cls in classes:
+        key = f"top_{k}_test_accuracy"
+        per_class[key] = {}
+        for cls in _classes(train_labels):
             train_rows, train_y = balanced_one_vs_rest(train_labels, cls, gen)
             test_rows, test_y = balanced_one_vs_rest(test_labels, cls, gen)
             kept = top_k_mean_diff(train_x[train_rows], train_y, k).sort().values
             fit = train_probe(train_x[train_rows][:, kept], train_y, test_x[test_rows][:, kept], test_y)
-            accuracies.append(fit.test_accuracy)
-        result[f"top_{k}_test_accuracy"] = sum(accuracies) / len(accuracies)
-    return result
+            per_class[key][cls] = fit.test_accuracy
+    return per_class
 
 
 # ----- TPP and SCR -----
