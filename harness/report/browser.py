@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -32,7 +32,7 @@ from saex.analysis.survival import Survival, SurvivalParams, classify
 from saex.config.matrix import BASE, Cell, Matrix, resolve_matrix
 from saex.config.sources import parse_source
 from saex.model.hookpoints import parse_hook
-from saex.report.cells import slug
+from saex.report.cells import sae_label, slug
 from saex.report.plots import histogram
 from saex.report.site import environment, script_json, write_assets
 from saex.run.runner import Runner, Session
@@ -56,10 +56,11 @@ class Scope:
     hook: str
     sae: str
     compression: str
+    label: str = field(default="", compare=False)  # how the SAE is named (saex.report.cells.sae_label)
 
     @property
     def title(self) -> str:
-        return f"{self.hook} · SAE {self.sae} · M vs M_c ({self.compression}) · {self.model}"
+        return f"{self.hook} · SAE {self.label or self.sae} · M vs M_c ({self.compression}) · {self.model}"
 
     @property
     def folder(self) -> str:
@@ -91,7 +92,7 @@ def scopes(runner: Runner, matrix: Matrix, results: dict[str, CellResult], **cho
         row = results.get(cell.key(runner.registry))
         if cell.scored_on == BASE or not parse_source(cell.source).is_original or row is None or row.status != "done":
             continue
-        scope = Scope(cell.model, cell.hook, cell.sae, str(cell.compression))
+        scope = Scope(cell.model, cell.hook, cell.sae, str(cell.compression), sae_label(row))
         if all(value is None or getattr(scope, name) == value for name, value in chosen.items()):
             found.append(scope)
     if not found:

@@ -294,3 +294,12 @@ def test_openai_topk_sae_is_retrained_with_its_k_width_and_layer_norm(tmp_path, 
     assert (retrained["architecture"], retrained["d_sae"], retrained["params"]["k"]) == ("topk", D_SAE, 4)
     assert retrained["params"]["aux_coefficient"] == 0.25  # from the entry: the file does not fix it
     assert bool(load_file(str(saved / "sae_weights.safetensors"))["layer_norm"])
+
+
+def test_a_feature_browser_is_titled_by_the_loaded_saes_label():
+    from saex.report.browser import Scope
+
+    scope = Scope("m", "layers.1.resid_post", "small", "mag", "saelens:lens")
+    assert scope.title == "layers.1.resid_post · SAE saelens:lens · M vs M_c (mag) · m"
+    assert scope == Scope("m", "layers.1.resid_post", "small", "mag")  # the label names it; the fields identify it
+    assert Scope("m", "layers.1.resid_post", "small", "mag").title.startswith("layers.1.resid_post · SAE small ·")
