@@ -9,7 +9,14 @@ to plugins, the SAE base class and the helpers a plugin of each kind needs (docs
 from saex._version import __version__
 from saex.analysis.alignment import best_cosines, hungarian
 from saex.analysis.bootstrap import BlockSums, Bootstrap, BootstrapParams, Statistic, point, with_uncertainty
-from saex.analysis.probing import SPARSE_PROBING_KS, TPP_NS, sparse_probing, sparse_probing_transfer, tpp
+from saex.analysis.probing import (
+    SPARSE_PROBING_KS,
+    TPP_NS,
+    accuracy_intervals,
+    sparse_probing,
+    sparse_probing_transfer,
+    tpp,
+)
 from saex.analysis.survival import SURVIVAL_PROFILE, LatentPairs, Survival, SurvivalParams, classify, frequency_profile
 from saex.data.assets import gemma3_dir, kjv_chapters, kjv_jsonl, smollm2_dir
 from saex.data.corpus import special_mask, split_of
@@ -115,6 +122,7 @@ __all__ = [
     "TrainStep",
     "WorkerSpec",
     "__version__",
+    "accuracy_intervals",
     "best_cosines",
     "check_group_size",
     "check_tasks",

@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, f1_score
 
+from saex.analysis.bootstrap import Bootstrap, BootstrapParams
+
 SPARSE_PROBING_KS = (1, 2, 5)  # SparseProbingEvalConfig.k_values
 TPP_NS = (2, 5, 10, 20, 50, 100, 500)  # ScrAndTppEvalConfig.n_values
 LETTERS = "abcdefghijklmnopqrstuvwxyz"  # absorption/vocab.py
@@ -104,6 +106,7 @@ class ProbeFit:
     bias: torch.Tensor
     train_accuracy: float
     test_accuracy: float
+    test_correct: torch.Tensor | None = None  # per test row, whether it was classified right (sklearn probes)
 
 
 def top_k_mean_diff(train_x: torch.Tensor, train_y: torch.Tensor, k: int) -> torch.Tensor:
@@ -149,6 +152,7 @@ def train_probe(
         bias=torch.tensor(probe.intercept_[0]),
         train_accuracy=float(accuracy_score(y_train, probe.predict(x_train))),
         test_accuracy=float(accuracy_score(y_test, probe.predict(x_test))),
+        test_correct=torch.from_numpy(probe.predict(x_test) == y_test),
     )
 
 
@@ -254,9 +258,11 @@ def sparse_probing(
         test_rows, test_y = balanced_one_vs_rest(test_labels, cls, gen)
         fit = train_torch_probe(train_x[train_rows], train_y, test_x[test_rows], test_y, seed=gen, **FULL_WIDTH_PROBE)
         per_class["test_accuracy"][cls] = fit.test_accuracy
-    per_class |= _top_k_per_class(train_x, train_labels, test_x, test_labels, ks, gen)
+    top_k, outcomes = _top_k_per_class(train_x, train_labels, test_x, test_labels, ks, gen)
+    per_class |= top_k
     result: dict[str, Any] = {key: sum(accs.values()) / len(accs) for key, accs in per_class.items()}
     result["per_class"] = per_class
+    result["outcomes"] = outcomes
     return result
 
 
@@ -267,15 +273,17 @@ def sparse_probing_transfer(
     test_labels: torch.Tensor,
     ks: Sequence[int] = SPARSE_PROBING_KS,
     seed: int | torch.Generator = 42,
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """Sparse probes chosen and fitted on one representation and tested on another of the same texts: ``train_x``
     the train texts on M (an SAE's pooled latents, or the model's pooled activations), ``test_x`` the test texts on
     M_c. Per k and class, as in ``sparse_probing``'s top-k loop: a balanced one-vs-rest sample, the k columns of
     ``top_k_mean_diff`` and a ``train_probe`` on M's train rows, its accuracy on M_c's test rows. How much of each
     concept's probe survives compression, which no SAEBench eval asks: ``top_{k}_test_accuracy`` averaged over
-    classes."""
-    per_class = _top_k_per_class(train_x, train_labels, test_x, test_labels, ks, _generator(seed))
-    return {key: sum(accs.values()) / len(accs) for key, accs in per_class.items()}
+    classes, and under ``outcomes`` each probe's test rows and whether it got each right (``accuracy_intervals``)."""
+    per_class, outcomes = _top_k_per_class(train_x, train_labels, test_x, test_labels, ks, _generator(seed))
+    result: dict[str, Any] = {key: sum(accs.values()) / len(accs) for key, accs in per_class.items()}
+    result["outcomes"] = outcomes
+    return result
 
 
 def _top_k_per_class(
@@ -285,20 +293,56 @@ def _top_k_per_class(
     test_labels: torch.Tensor,
     ks: Sequence[int],
     gen: torch.Generator,
-) -> dict[str, dict[int, float]]:
+) -> tuple[dict[str, dict[int, float]], dict[str, dict[int, Outcome]]]:
     """``top_{k}_test_accuracy`` -> class -> accuracy: per k and class a fresh balanced sample, the k columns of
-    ``top_k_mean_diff`` on its train rows (in column order, as SAEBench's mask keeps them) and ``train_probe``."""
+    ``top_k_mean_diff`` on its train rows (in column order, as SAEBench's mask keeps them) and ``train_probe``; and
+    the same keys -> class -> the probe's ``Outcome`` on its test rows."""
     per_class: dict[str, dict[int, float]] = {}
+    outcomes: dict[str, dict[int, Outcome]] = {}
     for k in ks:
         key = f"top_{k}_test_accuracy"
-        per_class[key] = {}
+        per_class[key], outcomes[key] = {}, {}
         for cls in _classes(train_labels):
             train_rows, train_y = balanced_one_vs_rest(train_labels, cls, gen)
             test_rows, test_y = balanced_one_vs_rest(test_labels, cls, gen)
             kept = top_k_mean_diff(train_x[train_rows], train_y, k).sort().values
             fit = train_probe(train_x[train_rows][:, kept], train_y, test_x[test_rows][:, kept], test_y)
             per_class[key][cls] = fit.test_accuracy
-    return per_class
+            assert fit.test_correct is not None
+            outcomes[key][cls] = Outcome(tuple(test_rows.tolist()), tuple(fit.test_correct.tolist()))
+    return per_class, outcomes
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One probe on its balanced test sample: the test rows (indices of texts, a text may appear once) and
+    whether the probe classified each right."""
+
+    rows: tuple[int, ...]
+    correct: tuple[bool, ...]
+
+
+def accuracy_intervals(
+    outcomes: Sequence[Mapping[str, Mapping[int, Outcome]]], n_test: Sequence[int], params: BootstrapParams
+) -> dict[str, tuple[float, float]]:
+    """Percentile-bootstrap interval of each key's accuracy averaged over classes, then sets (``outcomes``: one
+    mapping per labelled set, ``n_test`` its number of test texts): each set's test texts are resampled with
+    replacement (``saex.analysis.bootstrap.Bootstrap`` with texts as the units), every class's accuracy is
+    recomputed on its balanced sample with those weights, and the means are taken resample by resample. The probes
+    stay as fitted: the interval is the spread from which texts were tested, not from refitting."""
+    draws = [Bootstrap(n, params) for n in n_test]
+    intervals = {}
+    for key in outcomes[0]:
+        per_set = []
+        for boot, found in zip(draws, outcomes):
+            accuracies = []
+            for outcome in found[key].values():
+                weights = boot.weights[:, list(outcome.rows)]
+                correct = torch.tensor(outcome.correct, dtype=torch.float64)
+                accuracies.append((weights * correct).sum(dim=1) / weights.sum(dim=1))
+            per_set.append(torch.stack(accuracies).mean(dim=0))
+        intervals[key] = draws[0].interval(torch.stack(per_set).mean(dim=0))
+    return intervals
 
 
 # ----- TPP and SCR -----

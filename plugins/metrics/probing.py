@@ -26,14 +26,17 @@ from pydantic import BaseModel, ConfigDict, Field
 from saex import (
     SPARSE_PROBING_KS,
     TPP_NS,
+    BootstrapParams,
     LabelledActivations,
     Metric,
     MetricContext,
     MetricOutput,
+    accuracy_intervals,
     hookimpl,
     sparse_probing,
     sparse_probing_transfer,
     tpp,
+    with_uncertainty,
 )
 
 
@@ -46,6 +49,8 @@ class ProbingParams(BaseModel):
 
 class SparseProbingParams(ProbingParams):
     ks: tuple[int, ...] = Field(SPARSE_PROBING_KS, description="sizes k of the sparse probes")
+    resamples: int = Field(1000, gt=0, description="bootstrap resamples of the test texts (intervals of top-k)")
+    confidence: float = Field(0.95, gt=0, lt=1, description="confidence level of the intervals")
 
 
 class TPPParams(ProbingParams):
@@ -70,8 +75,51 @@ def _pooled(ctx: MetricContext, name: str) -> tuple[LabelledActivations, torch.T
     return data, data.pooled(ctx.device), data.pooled_codes(ctx.sae.encode, ctx.device, ctx.batch_size)
 
 
+def _named(prefix: str, key: str) -> str:
+    """The stored key: ``llm_`` or ``sae_`` before it; M's probes tested on M_c (``sae_transfer``) as ``_transfer_``."""
+    base, _, transfer = prefix.partition("_")
+    return f"{base}_{key.replace('test', 'transfer') if transfer else key}"
+
+
 def _mean(values: list[dict[str, float]]) -> dict[str, float]:
     return {key: sum(v[key] for v in values) / len(values) for key in values[0]}
+
+
+ACCURACIES = (
+    *(
+        _accuracy(f"sae_top_{k}_test_accuracy", f"probe on the SAE's {k} most class-separating latents", 300 + k)
+        for k in SPARSE_PROBING_KS
+    ),
+    *(
+        _accuracy(f"llm_top_{k}_test_accuracy", f"probe on the model's {k} most class-separating dimensions", 310 + k)
+        for k in SPARSE_PROBING_KS
+    ),
+    _accuracy("sae_test_accuracy", "full-width probe on all the SAE's latents (SAEBench's torch probe)", 320),
+    _accuracy("llm_test_accuracy", "full-width probe on the model's activations: the ceiling", 321),
+    *(
+        _accuracy(
+            f"sae_top_{k}_transfer_accuracy",
+            f"compressed model only: {k}-latent probe chosen and fitted on M, tested on M_c's latents",
+            330 + k,
+        )
+        for k in SPARSE_PROBING_KS
+    ),
+    *(
+        _accuracy(
+            f"llm_top_{k}_transfer_accuracy",
+            f"compressed model only: {k}-dimension probe fitted on M's activations, tested on M_c's",
+            340 + k,
+        )
+        for k in SPARSE_PROBING_KS
+    ),
+)
+# the top-k accuracies carry percentile-bootstrap intervals over the test texts (``accuracy_intervals``)
+SPARSE_PROBING_OUTPUTS = tuple(
+    o.model_copy(update={"aggregation": "percentile bootstrap over the test texts"})
+    if o.name.endswith("_high") or o.name.endswith("_low")
+    else o
+    for o in with_uncertainty(ACCURACIES, [o.name for o in ACCURACIES if "_top_" in o.name], ())
+)
 
 
 class SparseProbing:
@@ -79,49 +127,20 @@ class SparseProbing:
     description = "SAEBench sparse probing on labelled texts: top-k latents vs the model's activations, and transfer"
     scope = "sae"
     Params = SparseProbingParams
-    outputs = (
-        *(
-            _accuracy(f"sae_top_{k}_test_accuracy", f"probe on the SAE's {k} most class-separating latents", 300 + k)
-            for k in SPARSE_PROBING_KS
-        ),
-        *(
-            _accuracy(
-                f"llm_top_{k}_test_accuracy", f"probe on the model's {k} most class-separating dimensions", 310 + k
-            )
-            for k in SPARSE_PROBING_KS
-        ),
-        _accuracy("sae_test_accuracy", "full-width probe on all the SAE's latents (SAEBench's torch probe)", 320),
-        _accuracy("llm_test_accuracy", "full-width probe on the model's activations: the ceiling", 321),
-        *(
-            _accuracy(
-                f"sae_top_{k}_transfer_accuracy",
-                f"compressed model only: {k}-latent probe chosen and fitted on M, tested on M_c's latents",
-                330 + k,
-            )
-            for k in SPARSE_PROBING_KS
-        ),
-        *(
-            _accuracy(
-                f"llm_top_{k}_transfer_accuracy",
-                f"compressed model only: {k}-dimension probe fitted on M's activations, tested on M_c's",
-                340 + k,
-            )
-            for k in SPARSE_PROBING_KS
-        ),
-    )
+    outputs = SPARSE_PROBING_OUTPUTS
 
     def compute(self, ctx: MetricContext, params: SparseProbingParams) -> dict[str, float]:
         if ctx.labelled is None:
             return {}
-        per_set = {}
+        per_set, outcomes, n_test = {}, [], []
         for name in params.labelled_sets:
             data, x, f = _pooled(ctx, name)
             train, test, labels = data.train, data.test, data.labels
             gen = torch.Generator().manual_seed(params.seed)  # the SAE's run follows the model's, as in SAEBench
-            llm = sparse_probing(x[train], labels[train], x[test], labels[test], params.ks, gen)
-            sae = sparse_probing(f[train], labels[train], f[test], labels[test], params.ks, gen)
-            found = {f"llm_{k}": v for k, v in llm.items() if k != "per_class"}
-            found |= {f"sae_{k}": v for k, v in sae.items() if k != "per_class"}
+            runs = {
+                "llm": sparse_probing(x[train], labels[train], x[test], labels[test], params.ks, gen),
+                "sae": sparse_probing(f[train], labels[train], f[test], labels[test], params.ks, gen),
+            }
             if ctx.reference_labelled is not None:
                 reference = ctx.reference_labelled(name)
                 x_m = reference.pooled(ctx.device)
@@ -130,10 +149,20 @@ class SparseProbing:
                     moved = sparse_probing_transfer(
                         on_m[train], labels[train], on_mc[test], labels[test], params.ks, params.seed
                     )
-                    found |= {f"{prefix}_{k.replace('test', 'transfer')}": v for k, v in moved.items()}
+                    runs[f"{prefix}_transfer"] = moved
+            found, probes = {}, {}
+            for prefix, run in runs.items():
+                found |= {_named(prefix, k): v for k, v in run.items() if k not in ("per_class", "outcomes")}
+                probes |= {_named(prefix, k): v for k, v in run["outcomes"].items()}
             per_set[name] = found
+            outcomes.append(probes)
+            n_test.append(len(test))
         ctx.details["sparse_probing"] = per_set
-        return _mean(list(per_set.values()))
+        values = _mean(list(per_set.values()))
+        resampling = BootstrapParams(resamples=params.resamples, confidence=params.confidence, seed=params.seed)
+        for key, (low, high) in accuracy_intervals(outcomes, n_test, resampling).items():
+            values[key + "_ci_low"], values[key + "_ci_high"] = low, high
+        return values
 
 
 class TPP:

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from saex.analysis import probing
+from saex.analysis.bootstrap import BootstrapParams
 
 N_CLASSES = 3
 
@@ -278,3 +279,20 @@ def test_letters_planted_in_one_latent_each_give_absorption_0() -> None:
     assert metrics["mean_full_absorption_score"] == 0.0
     assert metrics["mean_num_split_features"] == 1
     assert min(probe_f1.values()) == 1.0
+
+
+def test_accuracy_intervals_resample_the_test_texts() -> None:
+    params = BootstrapParams(resamples=300, seed=0)
+    perfect = {"top_1_test_accuracy": {0: probing.Outcome(tuple(range(10)), (True,) * 10)}}
+    assert probing.accuracy_intervals([perfect], [10], params) == {"top_1_test_accuracy": (1.0, 1.0)}
+
+    def half(n: int) -> dict:
+        return {"top_1_test_accuracy": {0: probing.Outcome(tuple(range(n)), tuple(i % 2 == 0 for i in range(n)))}}
+
+    small = probing.accuracy_intervals([half(20)], [20], params)["top_1_test_accuracy"]
+    large = probing.accuracy_intervals([half(400)], [400], params)["top_1_test_accuracy"]
+    assert small[0] < 0.5 < small[1] and large[0] < 0.5 < large[1]
+    assert large[1] - large[0] < (small[1] - small[0]) / 2  # the width falls as 1 / sqrt(texts)
+    # two sets: the resampled means of both, so a perfect set narrows the interval of a noisy one
+    both = probing.accuracy_intervals([half(20), perfect], [20, 10], params)["top_1_test_accuracy"]
+    assert both == pytest.approx(((small[0] + 1) / 2, (small[1] + 1) / 2), abs=0.03)

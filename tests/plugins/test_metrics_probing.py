@@ -53,6 +53,10 @@ def test_sparse_probing_and_tpp_on_m_and_mc(tmp_path):
         total = m["tpp_threshold_5_intended_diff_only"] - m["tpp_threshold_5_unintended_diff_only"]
         assert m["tpp_threshold_5_total_metric"] == pytest.approx(total, abs=1e-12)
         assert set(row.details["sparse_probing"]) == {"chars"}
+        for key in ("sae_top_1_test_accuracy", "llm_top_2_test_accuracy"):  # intervals over the test texts
+            assert (
+                m[f"{key}_ci_low"] <= m[key] <= m[f"{key}_ci_high"] and m[f"{key}_ci_high"] - m[f"{key}_ci_low"] < 0.5
+            )
     assert "sae_top_1_transfer_accuracy" not in on_m.metrics
     assert 0 <= on_mc.metrics["sae_top_1_transfer_accuracy"] <= 1
     assert 0 <= on_mc.metrics["llm_top_2_transfer_accuracy"] <= 1
