@@ -4,7 +4,6 @@ three calls later."""
 
 from __future__ import annotations
 
-import math
 import numbers
 from collections.abc import Mapping
 from typing import TypeVar
@@ -48,8 +47,3 @@ def metric_values(metric: str, found: object) -> dict[str, float]:
             )
         values[key] = float(value)
     return values
-
-
-def non_finite(values: Mapping[str, float]) -> list[str]:
-    """The keys of ``values`` that are NaN or infinite (stored as null)."""
-    return [k for k, v in values.items() if not math.isfinite(v)]

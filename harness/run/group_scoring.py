@@ -24,7 +24,6 @@ from saex.data.corpus import row_blocks
 from saex.model.hookpoints import HookPoint
 from saex.plugin.manager import Plugins
 from saex.plugin.protocols import Metric, MetricContext
-from saex.plugin.returns import non_finite
 from saex.run.artifacts import Artifacts, ModelState
 from saex.run.outputs import declared_outputs
 from saex.run.sae_artifacts import SAEArtifact
@@ -109,10 +108,10 @@ class GroupScorer:
         for cell, result in running.items():
             if result.status == "running":
                 result.status = "done"
-            self.log(self._summary(cell, result, time.perf_counter() - started))
             if target.details:
                 result.details["compression"] = target.details
-            self.store.finish(result)
+            self.store.finish(result)  # records the values it keeps as null in details["absent_metrics"]
+            self.log(self._summary(cell, result, time.perf_counter() - started))
             self._notify("cell_finished", cell=cell, result=result)
 
     def _splice(
@@ -175,7 +174,7 @@ class GroupScorer:
             self._headline = [n for n, o in declared_outputs(self.plugins).items() if o.headline]
         shown = [f"{n} {v:.4g}" for n in self._headline if isinstance(v := result.metrics.get(n), float)]
         line = f"cell {cell.label}: done ({seconds:.1f} s into its group) " + ", ".join(shown)
-        undefined = non_finite(result.metrics)
+        undefined = list(result.details.get("absent_metrics", {}))
         return line + (f"; warning: {', '.join(undefined)} not finite, stored as null" if undefined else "")
 
     def _notify(self, hook_name: str, **kwargs: object) -> None:
