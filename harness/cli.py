@@ -14,7 +14,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from saex.config.matrix import expand
+from saex.config.matrix import resolve_matrix
 from saex.config.registry import DEVICE_PATTERN, Registry, RegistryError, load_registry
 from saex.data.assets import AssetError, kjv_jsonl, smollm2_dir
 from saex.model.loading import resolve_device
@@ -209,7 +209,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     registry = _registry(args, load_plugins())
     names = [args.matrix] if args.matrix else sorted(registry.matrices)
     for name in names:
-        print(f"matrix {name}: {len(expand(name, registry.matrix(name)))} cells")
+        print(f"matrix {name}: {len(resolve_matrix(registry, name).cells)} cells")
     files = ", ".join(sorted(set(registry.origins.values())))
     if registry.warnings:
         count = len(registry.warnings)
@@ -251,7 +251,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     outputs = declared_outputs(plugins)
     if args.matrix:
         registry = _registry(args, plugins)
-        cells = expand(args.matrix, registry.matrix(args.matrix))
+        cells = resolve_matrix(registry, args.matrix).cells
         results = with_sae_labels(r for c in cells if (r := store.get(c.key(registry))) is not None)
         missing = len(cells) - len(results)
         note = f"{missing} of {len(cells)} cells have no result yet." if missing else ""
@@ -335,7 +335,7 @@ def cmd_browse(args: argparse.Namespace) -> int:
     store = ResultsStore.existing(args.store)
     plugins = load_plugins()
     registry = _registry(args, plugins)
-    results = [r for c in expand(args.matrix, registry.matrix(args.matrix)) if (r := store.get(c.key(registry)))]
+    results = [r for c in resolve_matrix(registry, args.matrix).cells if (r := store.get(c.key(registry)))]
     try:
         written = _browse(args, plugins, registry, results, link_report=(args.out / "index.html").exists())
     except BrowseError as exc:

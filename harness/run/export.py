@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from saex.config.matrix import BASE, Cell, expand
+from saex.config.matrix import BASE, Cell, resolve_matrix
 from saex.config.pretrained import SAE_LABEL
 from saex.config.registry import Registry
 from saex.config.sources import parse_source
@@ -102,7 +102,7 @@ def find_cell(
     unknown = sorted(set(fields) - set(FIELDS))
     if unknown:
         raise ExportError(f"unknown cell fields {unknown}; valid: {', '.join(FIELDS)}")
-    cells = [c for c in expand(matrix, registry.matrix(matrix)) if all(_field(c, n) == v for n, v in fields.items())]
+    cells = [c for c in resolve_matrix(registry, matrix).cells if all(_field(c, n) == v for n, v in fields.items())]
     if not cells:
         given = ", ".join(f"{n}={v}" for n, v in fields.items()) or "(none)"
         raise ExportError(f"matrix {matrix!r} has no cell with {given}")
