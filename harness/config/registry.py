@@ -314,6 +314,29 @@ def _raise_all(found: list[RegistryError]) -> None:
         raise RegistryErrors(found)
 
 
+def _labelled_sets_of(reg: Registry, metric: str) -> list[str]:
+    """The ``labelled_sets`` entries a resolved metric entry reads (its params' ``labelled_sets``)."""
+    resolved = reg._resolved.get(("metrics", metric))
+    return list(getattr(resolved.params, "labelled_sets", ())) if resolved is not None else []
+
+
+def _check_labelled_sets(reg: Registry) -> None:
+    """A metric whose params name a labelled set nobody defined is a problem of that metric's entry."""
+    broken = {where for where, _ in reg._problems}  # a broken set is defined: its problems are its own
+    for metric in reg.metrics:
+        for i, name in enumerate(_labelled_sets_of(reg, metric)):
+            if name not in reg.labelled_sets and f"labelled_sets.{name}" not in broken:
+                where = f"metrics.{metric}"
+                error = RegistryError(
+                    reg.origins[where],
+                    f"{where}.params.labelled_sets[{i}]",
+                    "not defined in labelled_sets",
+                    name,
+                    sorted(reg.labelled_sets),
+                )
+                reg._problems.append((where, error))
+
+
 def _check_matrices(reg: Registry) -> None:
     """Every matrix's references and sources, each matrix on its own: a matrix that names an entry nobody
     defined, or whose sources do not hold together, is left out of ``reg.matrices`` with its problems recorded
@@ -331,6 +354,7 @@ def _check_matrices(reg: Registry) -> None:
                 found.append(
                     RegistryError(file, f"matrices.{name}.{place}", message, ref, sorted(getattr(reg, section)))
                 )
+        uses.update(f"labelled_sets.{s}" for metric in matrix.metrics for s in _labelled_sets_of(reg, metric))
         for text in matrix.sources:
             release = _release_of(reg, text, broken)
             if release is not None:
@@ -420,6 +444,7 @@ def load_registry(files: list[Path], plugins: Plugins, matrix: str | None = None
     reg = _validate_entries(merged, origins, found)
     reg._files = [Path(f) for f in files]
     _resolve_components(reg, plugins)
+    _check_labelled_sets(reg)
     _check_matrices(reg)
     _raise_all(reg.problems(matrix))
     reg._warnings = reg.problems()

@@ -173,15 +173,13 @@ class Runner:
 
     def _labelled(self, name: str, loaded: LoadedModel) -> dict[str, LabelledInput]:
         """The labelled sets the matrix's metrics read (their params' ``labelled_sets``), loaded, split and
-        tokenised once per model; a set the registry lacks or whose data is not on this machine is bad input."""
+        tokenised once per model (the registry has checked they are defined); a set whose data is not on this
+        machine is bad input."""
         prepared: dict[str, LabelledInput] = {}
         for metric in self.registry.matrix_components(name, "metrics"):
             for i, set_name in enumerate(getattr(metric.params, "labelled_sets", ())):
                 where = f"metrics.{metric.name}.params.labelled_sets[{i}]"
                 file = self.registry.origins.get(f"metrics.{metric.name}", "registry")
-                if set_name not in self.registry.labelled_sets:
-                    choices = sorted(self.registry.labelled_sets)
-                    raise RegistryError(file, where, "not defined in labelled_sets", set_name, choices)
                 if set_name in prepared:
                     continue
                 entry: Resolved[LabelledSet] = self.registry.component("labelled_sets", set_name)

@@ -81,3 +81,12 @@ def test_a_set_whose_package_is_missing_is_bad_input_naming_it(tmp_path):
     assert "metrics.probing.params.labelled_sets[0]: labelled set 'news'" in message
     assert "pip install --no-deps sae-probes==0.4.2 zstandard==0.25.0" in message
     assert not (tmp_path / "cache" / "saes").exists()  # refused before anything was computed
+
+
+def test_a_metric_naming_an_undefined_set_is_refused_when_the_registry_is_read(tmp_path):
+    extra = {"metrics": {"probing": {"plugin": "sparse-probing", "params": {"labelled_sets": ["nowhere"]}}}}
+    with pytest.raises(RegistryError) as raised:
+        run_tiny(tmp_path, sections=extra, metrics=["reconstruction", "probing"])
+    message = str(raised.value)
+    assert "metrics.probing.params.labelled_sets[0]: not defined in labelled_sets (got 'nowhere')" in message
+    assert not (tmp_path / "cache").exists()  # refused before any model was loaded
